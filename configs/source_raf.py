@@ -1,0 +1,12 @@
+"""RAF-DB -> (ExpW) source stage: ViT-B/16 at 224 with the original's ViT-B recipe.
+
+SGD (Nesterov, momentum 0.9, coupled wd 5e-4), InvLR(gamma 1e-3, power 0.75) from lr 0.004,
+per-group multipliers ViT 0.1 / head 1 / sfda bottleneck+BN 10 / classifier 10, 2000 steps of
+64 images (BN groups of 32 = the original's 2 GPUs x 32), label smoothing 0.1. Evaluated on the
+target and source test lists; the best checkpoint is chosen by source test accuracy.
+"""
+from eercl_jax import config_defaults
+
+
+def get_config():
+  return config_defaults.source_config(source="raf", target="expw")

@@ -1,0 +1,66 @@
+"""Run logging: a plain-text `<workdir>/logs/train.log` (as the original) and clu metric writers
+that write TensorBoard event files to `<workdir>/tensorboard`. Only process 0 writes files."""
+from __future__ import annotations
+
+import datetime
+import logging as py_logging
+import os
+import time
+
+import jax
+from absl import logging
+from clu import metric_writers
+
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _QuietLibraries(py_logging.Filter):
+  """orbax logs every step of every save at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def setup_file_log(workdir: str) -> str:
+  """Appends the absl log to `<workdir>/logs/train.log` (appending keeps earlier runs' lines)."""
+  path = os.path.join(workdir, "logs", "train.log")
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  logger = logging.get_absl_logger()
+  quiet = _QuietLibraries()
+  if not any(isinstance(f, _QuietLibraries) for f in logging.get_absl_handler().filters):
+    logging.get_absl_handler().addFilter(quiet)
+  for h in list(logger.handlers):
+    if getattr(h, "_eercl_path", None) is not None:
+      logger.removeHandler(h)
+      h.close()
+  handler = py_logging.FileHandler(path, mode="a")
+  handler.setFormatter(py_logging.Formatter(_FORMAT))
+  handler.addFilter(quiet)
+  handler._eercl_path = path  # pylint: disable=protected-access
+  logger.addHandler(handler)
+  logging.set_verbosity(logging.INFO)
+  return path
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  return metric_writers.create_default_writer(
+      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
+      asynchronous=False)
+
+
+class Progress:
+  """Steps/s and ETA for the log lines."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.time()
+    self.start_time = self.last_time
+
+  def tick(self, step: int) -> tuple[float, str]:
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = datetime.timedelta(seconds=int((self.total - step) / max(rate, 1e-9)))
+    return rate, str(eta)

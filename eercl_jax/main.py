@@ -1,0 +1,48 @@
+"""Entry point of both stages: `python -m eercl_jax.main --config=configs/X.py --workdir=runs/EXP`.
+
+`config.stage` picks the loop: 'source' (supervised source training) or 'adapt' (source-free
+adaptation). Rerunning the same command resumes from the latest checkpoint in the workdir.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
+  _hide_accelerators_from_tensorflow()
+  from eercl_jax import parallel  # pylint: disable=import-outside-toplevel
+  parallel.initialize_distributed()
+  config = _CONFIG.value
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  logging.info("config:\n%s", config)
+  if config.stage == "source":
+    from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+    train_source.train_and_evaluate(config, _WORKDIR.value)
+  elif config.stage == "adapt":
+    from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
+    train_adapt.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    raise ValueError(f"config.stage must be 'source' or 'adapt', got {config.stage!r}")
+
+
+def _hide_accelerators_from_tensorflow():
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], "GPU")
+  except (ImportError, RuntimeError):
+    pass
+
+
+if __name__ == "__main__":
+  app.run(main)

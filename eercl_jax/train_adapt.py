@@ -1,0 +1,424 @@
+"""Stage 2: source-free adaptation of the source model to an unlabelled target list (EERCL).
+
+Per step (algorithm.md 2.4): EMA update of the teacher, teacher and online forwards on the three
+views with grouped batch norm, AaD neighbour consistency over the teacher feature bank, a
+relation-weighted contrast of the strong views against cluster labels, and a relation-weighted
+InfoNCE against the negative ring buffers. Every `pseudo_update_interval` steps the online feature
+and score banks are refreshed by a full pass over the target list and re-clustered into class
+prototypes; the training stream then starts a new shuffled epoch (the original's Q2 behaviour).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from eercl_jax import banks as bank_lib
+from eercl_jax import checkpoints, logs, losses, optim, parallel, train_lib
+from eercl_jax.data import pipelines
+from eercl_jax.models import eercl
+
+
+@flax.struct.dataclass
+class AdaptState:
+  step: jax.Array
+  params: Any                # online network
+  batch_stats: Any
+  teacher_params: Any        # EMA teacher
+  teacher_batch_stats: Any   # drift through the teacher's own train-mode forwards, never EMA-ed
+  opt_state: Any
+  rng: jax.Array
+  banks: bank_lib.Banks
+
+
+# ----------------------------------------------------------------------------------------------
+# Views and grouped forwards
+
+def _group_views(views, groups: int):
+  """[s1, s2, w] (each (B, ...)) -> (3B, ...) ordered so that BN group g holds the g-th slice of
+  each view, i.e. the original per-GPU concat [s1_g; s2_g; w_g]."""
+  x = jnp.stack(views, 0)                                   # (3, B, ...)
+  b = x.shape[1] // groups
+  x = x.reshape((3, groups, b) + x.shape[2:])
+  x = jnp.swapaxes(x, 0, 1)                                 # (G, 3, b, ...)
+  return x.reshape((-1,) + x.shape[3:])
+
+
+def _ungroup_views(y, groups: int):
+  """Inverse of `_group_views` for outputs: (3B, F) -> (3, B, F)."""
+  b = y.shape[0] // (3 * groups)
+  y = y.reshape((groups, 3, b) + y.shape[1:])
+  y = jnp.swapaxes(y, 0, 1)
+  return y.reshape((3, groups * b) + y.shape[3:])
+
+
+def _teacher_forward(model, params, batch_stats, x, groups, perm_rng, dropout_rng):
+  """Shuffle-BN: a shared random permutation of the whole teacher input before grouping, inverted
+  after (algorithm.md 0, Q4)."""
+  perm = jax.random.permutation(perm_rng, x.shape[0])
+  (feat, logits), new_vars = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x[perm], train=True, bn_groups=groups,
+      rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+  inv = jnp.argsort(perm)
+  return feat[inv], logits[inv], new_vars["batch_stats"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptation step
+
+def adapt_step(state: AdaptState, batch: dict, *, model, tx, config):
+  a = config.adapt
+  num_images = batch["index"].shape[0]
+  groups = train_lib.bn_groups(num_images, config.bn_group_size)
+  views = [train_lib.normalize(batch[k], config) for k in ("strong1", "strong2", "weak")]
+  x = _group_views(views, groups)
+  rng = jax.random.fold_in(state.rng, state.step)
+  perm_rng, teacher_drop, online_drop = jax.random.split(rng, 3)
+
+  # EMA at the start of the step (a no-op at step 0, when teacher == online).
+  teacher_params = jax.tree_util.tree_map(
+      lambda t, o: a.ema_decay * t + (1.0 - a.ema_decay) * o, state.teacher_params, state.params)
+  t_feat, t_logits, teacher_bs = _teacher_forward(model, teacher_params, state.teacher_batch_stats,
+                                                  x, groups, perm_rng, teacher_drop)
+  t_feat, t_logits = jax.lax.stop_gradient((t_feat, t_logits))
+  q_s1, q_s2, q_w = jax.nn.softmax(_ungroup_views(t_logits, groups), axis=-1)
+  t_feat_w = losses.l2_normalize(_ungroup_views(t_feat, groups)[2])
+
+  # The teacher's weak features/probabilities enter the AaD bank before the neighbour query, so
+  # each sample finds itself first (dropped) - as the original.
+  banks = bank_lib.update_aad_banks(state.banks, batch["index"], t_feat_w, q_w)
+  neighbours = bank_lib.aad_neighbour_probs(t_feat_w, banks.aad_feat, banks.aad_score, a.num_k)
+  mask = losses.confidence_mask(q_w, a.prob_threshold)
+  relation = banks.relation
+
+  def loss_fn(params):
+    (feat, logits), new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, x, train=True, bn_groups=groups,
+        rngs={"dropout": online_drop}, mutable=["batch_stats"])
+    p_s1, p_s2, p_w = jax.nn.softmax(_ungroup_views(logits, groups), axis=-1)
+    f_w = jax.lax.stop_gradient(_ungroup_views(feat, groups)[2])
+    attract, disperse = losses.aad_loss(p_w, neighbours)
+    decay = (1.0 + 10.0 * state.step / config.num_steps) ** (-a.beta)
+    # The original computes AaD on the gathered batch but DDP averages the gradient over its W
+    # GPUs: the effective loss is 1/W of the global one (algorithm.md Q3).
+    aad = a.lambda_aad * (attract + decay * disperse) / config.virtual_devices
+    if a.use_cluster_label:
+      labels = losses.batch_cluster_labels(f_w, banks.prototypes)
+    else:
+      labels = jnp.argmax(q_w, -1)
+    contrast = 0.5 * (
+        losses.class_relation_contrast(p_s1, labels, mask, relation, a.fixmatch_temp)
+        + losses.class_relation_contrast(p_s2, labels, mask, relation, a.fixmatch_temp))
+    nce = (losses.instance_relation_nce(p_s1, q_w, banks.neg_weak, relation, a.nce_temp)
+           + losses.instance_relation_nce(p_w, q_s1, banks.neg_strong, relation, a.nce_temp)
+           + losses.instance_relation_nce(p_s1, q_s2, banks.neg_strong, relation, a.nce_temp)) / 3
+    total = aad + a.lambda_fixmatch * contrast + a.lambda_nce * nce
+    aux = {"batch_stats": new_vars["batch_stats"], "labels": labels, "attract": attract,
+           "disperse": disperse, "contrast": contrast, "nce": nce}
+    return total, aux
+
+  (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # Negatives are this step's teacher outputs, written after the optimiser step.
+  banks = bank_lib.update_negative_banks(banks, q_w, q_s1)
+
+  true = batch["label"]  # monitoring only: never reaches a loss
+  maskf = mask.astype(jnp.float32)
+  metrics = {
+      "train/loss": total, "train/aad_pos": aux["attract"], "train/aad_neg": aux["disperse"],
+      "train/class_contrast": aux["contrast"], "train/info_nce": aux["nce"],
+      "train/mask": jnp.mean(maskf), "train/mean_max_prob": jnp.mean(jnp.max(q_w, -1)),
+      "count/mask": jnp.sum(maskf),
+      "count/mask_correct": jnp.sum(maskf * (jnp.argmax(q_w, -1) == true)),
+      "count/cluster_mask_correct": jnp.sum(maskf * (aux["labels"] == true)),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"],
+                            teacher_params=teacher_params, teacher_batch_stats=teacher_bs,
+                            opt_state=opt_state, banks=banks)
+  return new_state, metrics
+
+
+def compile_adapt_step(config, model, tx, mesh):
+  step = functools.partial(adapt_step, model=model, tx=tx, config=config)
+  rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bank refresh and clustering (eval mode, full pass over the target list)
+
+def _make_embed(model, config):
+  @jax.jit
+  def embed(params, batch_stats, images):
+    feat, logits = model.apply({"params": params, "batch_stats": batch_stats},
+                               train_lib.normalize(images, config), train=False)
+    return losses.l2_normalize(feat), jax.nn.softmax(logits, -1)
+  return embed
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("teacher",))
+def _write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat, t_score,
+                   teacher: bool):
+  # Rows outside the list (padding, or rows the faithful mode drops) are pointed past the end
+  # and dropped by the scatter.
+  idx = jnp.where(valid, idx, banks.feat.shape[0])
+  banks = banks.replace(feat=banks.feat.at[idx].set(feat, mode="drop"),
+                        score=banks.score.at[idx].set(score, mode="drop"),
+                        label=banks.label.at[idx].set(label, mode="drop"))
+  if teacher:
+    banks = banks.replace(aad_feat=banks.aad_feat.at[idx].set(t_feat, mode="drop"),
+                          aad_score=banks.aad_score.at[idx].set(t_score, mode="drop"))
+  return banks
+
+
+@functools.partial(jax.jit, static_argnames=("threshold",))
+def _cluster(banks: bank_lib.Banks, threshold: int):
+  labels, prototypes = losses.cluster_prototypes(banks.feat, banks.score, threshold=threshold)
+  orig_acc = jnp.mean(jnp.argmax(banks.score, -1) == banks.label)
+  acc = jnp.mean(labels == banks.label)
+  return banks.replace(prototypes=prototypes), orig_acc, acc
+
+
+def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, config, mesh,
+                  with_teacher: bool) -> tuple[AdaptState, dict]:
+  """Writes the online network's normalised features and probabilities of every target image
+  (and, at step 0, the teacher's into the AaD banks), then re-clusters the prototypes."""
+  a = config.adapt
+  keep = None
+  if a.faithful_bank_init:
+    keep = _faithful_refresh_rows(len(target_list), config, refresh_index)
+  batches = pipelines.eval_batches(
+      target_list, view=a.refresh_view, view_cfg=train_lib.view_config(config),
+      batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers)
+  banks = state.banks
+  for host in batches:
+    if keep is not None:
+      host = dict(host, valid=host["valid"] & keep[host["index"]])
+    b = parallel.shard_batch(host, mesh)
+    feat, score = embed(state.params, state.batch_stats, b["image"])
+    t_feat, t_score = (embed(state.teacher_params, state.teacher_batch_stats, b["image"])
+                       if with_teacher else (feat, score))
+    banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
+                           t_score, with_teacher)
+  banks, orig_acc, acc = _cluster(banks, a.cluster_threshold)
+  stats = {"refresh/orig_acc": float(orig_acc), "refresh/cluster_acc": float(acc)}
+  return state.replace(banks=banks), stats
+
+
+def _faithful_refresh_rows(n: int, config, refresh_index: int) -> np.ndarray:
+  """The original's drop_last refresh coverage (Q1): each of W virtual devices walks its share
+  of a shuffled list in batches of B and drops its final partial batch."""
+  w, b = config.virtual_devices, config.batch_size // config.virtual_devices
+  per = -(-n // w)
+  written = w * b * (per // b)
+  order = np.random.default_rng([config.seed, refresh_index]).permutation(n)
+  keep = np.zeros(n, bool)
+  keep[order[:written]] = True
+  return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Source checkpoint -> initial state
+
+def resolve_source_checkpoint(path: str) -> str:
+  """A source run's workdir (its best/ checkpoint, the original's best_model.pth, is used), or
+  a checkpoint folder (best/ or checkpoints/) given directly."""
+  if not path:
+    raise ValueError("config.source_checkpoint is empty: name the source run's workdir "
+                     "(or its best/ or checkpoints/ folder)")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"config.source_checkpoint={path!r} does not exist")
+  for sub in ("best", "checkpoints"):
+    if os.path.isdir(os.path.join(path, sub)):
+      return os.path.join(path, sub)
+  return path
+
+
+def load_source_variables(config, model, mesh) -> tuple[dict, int]:
+  directory = resolve_source_checkpoint(config.source_checkpoint)
+  step, meta = checkpoints.read_meta(directory)
+  train_lib.check_model_meta(meta, config, directory)
+  shapes = jax.eval_shape(lambda: eercl.init_variables(model, jax.random.PRNGKey(0),
+                                                       config.data.crop))
+  rep = parallel.replicated(mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), dict(shapes))
+  try:
+    variables = checkpoints.restore_subtree(directory, abstract, step)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"could not restore params/batch_stats from {directory} step {step}: {e}") \
+        from e
+  logging.info("loaded source model from %s (step %d)", directory, step)
+  return variables, step
+
+
+def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptState:
+  a = config.adapt
+  rng, bank_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  g = params["classifier"]["g"]
+  if bool(jnp.any(g <= 0)):
+    # The relation matrix uses the direction v; it equals the effective weight only if g > 0.
+    logging.warning("classifier g has non-positive entries: relation matrix uses v (Q7)")
+  banks = bank_lib.init_banks(bank_rng, num_images, config.model.feat_dim,
+                              config.model.num_classes, neg_size=a.bank_size,
+                              faithful_init=a.faithful_bank_init,
+                              zero_negatives=a.zero_negative_banks)
+  # Computed once from the frozen classifier (algorithm.md 2.7).
+  banks = banks.replace(relation=losses.relation_matrix(eercl.class_directions(params),
+                                                        a.non_diag_alpha))
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # distinct buffers: the step donates
+  state = AdaptState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     teacher_params=copy(params), teacher_batch_stats=copy(batch_stats),
+                     opt_state=tx.init(params), rng=rng, banks=banks)
+  return parallel.replicate(state, mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def _stream_seed(seed: int, stream: int) -> int:
+  return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def _count_ratio(num, den):
+  return float(num / den) if den > 0 else float("nan")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  logs.setup_file_log(workdir)
+  writer = logs.create_writer(workdir)
+  mesh = parallel.create_mesh()
+  parallel.check_global_batch(config.batch_size, mesh)
+  parallel.check_global_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  parallel.check_global_batch(config.adapt.refresh_batch_size, mesh, "adapt.refresh_batch_size")
+  train_lib.bn_groups(config.batch_size, config.bn_group_size)
+  if config.batch_size % config.virtual_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.virtual_devices={config.virtual_devices}")
+  target_list, evals = train_lib.load_lists(config)
+
+  model = eercl.create_model(config.model)
+  frozen = ("classifier",) if config.adapt.fix_classifier else ()
+  tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=frozen)
+  predict = train_lib.make_predict(model, config, mesh)
+  embed = _make_embed(model, config)
+  ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+
+  variables, _ = load_source_variables(config, model, mesh)
+  state = create_state(config, model, tx, variables, len(target_list), mesh)
+  extra = {"best": {"value": -1.0, "step": -1}, "source_only": None, "stream": 0}
+  data_state = None
+  restored = ckpt.restore_latest(checkpoints.abstract_like(state))
+  if restored is not None:
+    state, data_state, meta = restored
+    train_lib.check_model_meta(meta, config, ckpt.latest.directory)
+    extra = {k: meta.get(k, v) for k, v in extra.items()}
+    logging.info("resumed adaptation from %s at step %d", ckpt.latest.directory, int(state.step))
+  start = int(state.step)
+  best = extra["best"]
+
+  if extra["source_only"] is None and config.eval_at_start:
+    # The source model on the same evaluation, for the side-by-side summary.
+    res = train_lib.evaluate_all(predict, {"params": state.params,
+                                           "batch_stats": state.batch_stats}, evals, config, mesh)
+    extra["source_only"] = {k: r["accuracy"] for k, r in res.items()}
+    writer.write_scalars(0, train_lib.eval_scalars(res))
+
+  stream = extra["stream"]
+
+  def new_iterator(stream_index, iterator_state=None):
+    ds = pipelines.train_dataset(
+        target_list, views=("weak", "strong", "strong"), view_cfg=train_lib.view_config(config),
+        global_batch=config.batch_size, seed=_stream_seed(config.seed, stream_index),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.data.num_workers)
+    it = iter(ds)
+    if iterator_state is not None:
+      it.set_state(train_lib.decode_data_state(iterator_state))
+    return it
+
+  it = new_iterator(stream, data_state["iterator"] if data_state else None)
+  p_step = compile_adapt_step(config, model, tx, mesh)
+  progress = logs.Progress(start, config.num_steps)
+  interval = config.adapt.pseudo_update_interval
+  logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",
+               len(target_list), config.num_steps, config.batch_size, mesh.devices.size)
+  results, running = {}, train_lib.MeanMetrics()
+  for step in range(start, config.num_steps):
+    host_batch = next(it)  # fetched before the refresh, as the original
+    if step % interval == 0:
+      state, stats = refresh_banks(state, target_list, step // interval, embed=embed,
+                                   config=config, mesh=mesh, with_teacher=step == 0)
+      writer.write_scalars(step, stats)
+      logging.info("step %d bank refresh: argmax acc %.4f, cluster acc %.4f (monitoring only)",
+                   step, stats["refresh/orig_acc"], stats["refresh/cluster_acc"])
+      stream += 1  # the refresh ends the epoch: the next batch starts a new shuffled stream
+      it = new_iterator(stream)
+    state, metrics = p_step(state, parallel.shard_batch(host_batch, mesh))
+    running.add(metrics)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.num_steps:
+      means, host = running.pop()
+      scalars = {k: v for k, v in means.items() if k.startswith("train/")}
+      scalars["train/mask_acc"] = _count_ratio(host["count/mask_correct"], host["count/mask"])
+      scalars["train/cluster_mask_acc"] = _count_ratio(host["count/cluster_mask_correct"],
+                                                       host["count/mask"])
+      rate, eta = progress.tick(done)
+      scalars["train/steps_per_sec"] = rate
+      scalars["train/lr"] = float(optim.make_schedule(config.optim)(done - 1)
+                                  * config.optim.lr_mult["backbone"])
+      writer.write_scalars(done, scalars)
+      logging.info("step %d/%d loss=%.4f aad_pos=%.4f aad_neg=%.4f contrast=%.4f info_nce=%.4f "
+                   "mask=%.3f mask_acc=%.3f cluster_mask_acc=%.3f mean_max_prob=%.3f "
+                   "%.2f steps/s ETA %s", done, config.num_steps, scalars["train/loss"],
+                   scalars["train/aad_pos"], scalars["train/aad_neg"],
+                   scalars["train/class_contrast"], scalars["train/info_nce"],
+                   scalars["train/mask"], scalars["train/mask_acc"],
+                   scalars["train/cluster_mask_acc"], scalars["train/mean_max_prob"], rate, eta)
+    last = done == config.num_steps
+    extra["stream"] = stream
+    if done % config.eval_every == 0 or last:
+      results = train_lib.evaluate_all(predict, {"params": state.params,
+                                                 "batch_stats": state.batch_stats},
+                                       evals, config, mesh)
+      writer.write_scalars(done, train_lib.eval_scalars(results))
+      train_lib.save_confusions(workdir, done, results)
+      value = results[config.data.select_by]["accuracy"]
+      if value >= best["value"]:
+        best = {"value": value, "step": done}
+        extra["best"] = best
+        ckpt.save(done, state, {"iterator": None},
+                  train_lib.run_meta(config, done, dict(extra, selection="oracle (target labels)")),
+                  best=True)
+      logging.info("step %d: %s accuracy %.4f; best so far %.4f at step %d "
+                   "(oracle selection: uses target labels)", done, config.data.select_by, value,
+                   best["value"], best["step"])
+    if done % config.checkpoint_every == 0 or last:
+      ckpt.save(done, state, {"iterator": train_lib.encode_data_state(it.get_state())},
+                train_lib.run_meta(config, done, extra))
+  writer.flush()
+  ckpt.close()
+  if not results:
+    results = train_lib.evaluate_all(predict, {"params": state.params,
+                                               "batch_stats": state.batch_stats},
+                                     evals, config, mesh)
+  final = {k: r["accuracy"] for k, r in results.items()}
+  src = extra["source_only"] or {}
+  rows = [f"{k}: source-only {src.get(k, float('nan')) * 100:.2f}% -> adapted "
+          f"{final[k] * 100:.2f}%" for k in final]
+  summary = ("; ".join(rows) + f"; best {config.data.select_by} {best['value'] * 100:.2f}% at "
+             f"step {best['step']} (oracle selection)")
+  logging.info("final (step %d): %s", config.num_steps, summary)
+  print(f"[adapt] final: {summary}", flush=True)
+  return {"final": final, "source_only": src, "best": best, "results": results}
