@@ -8,7 +8,7 @@ from eercl_jax import config_defaults
 
 def get_config():
   c = config_defaults.source_config(source="synth_studio", target="synth_wild")
-  c.data.synthetic = True
+  c.data.synthetic.enabled = True
   c.data.resize, c.data.crop = 72, 64
   c.data.num_workers = 0
   c.data.check_images = "exists"

@@ -8,5 +8,12 @@ target and source test lists; the best checkpoint is chosen by source test accur
 from eercl_jax import config_defaults
 
 
+AUGREG_B16 = ("weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-"
+              "steps_20k-lr_0.01-res_224.npz")
+
+
 def get_config():
-  return config_defaults.source_config(source="raf", target="expw")
+  c = config_defaults.source_config(source="raf", target="expw")
+  # The original's ImageNet-21k AugReg ViT-B/16 (public .npz, fetched by the user beforehand).
+  c.model.init_from = AUGREG_B16
+  return c

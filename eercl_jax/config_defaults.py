@@ -35,9 +35,9 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       "check_images": "decode",          # 'decode' | 'exists' | 'none': validated before training
       "skip_bad_images": False,          # True: skip (count, log) missing/unreadable images
       "num_workers": 8,                  # grain decoding worker processes (0 = in-process)
-      "synthetic": False,                # True: generate the built-in synthetic set if absent
-      "synthetic_image_size": 64,
-      "synthetic_root": "data",
+      # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
+      "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,
+                    "test_per_class": 40, "target_per_class": 60, "seed": 0},
   })
 
 
@@ -51,6 +51,9 @@ def _model(backbone: str = "vit") -> ml_collections.ConfigDict:
       "feat_dim": 256,                   # the feature used by classifier, banks and clustering
       "dropout": 0.5,
       "dtype": "float32",                # compute dtype: 'bfloat16' on GPUs
+      # Local pretrained backbone for the source stage: a public JAX ViT .npz (AugReg), a timm
+      # ViT or torchvision ResNet-50 state dict (.pth/.bin/.safetensors). '' = random init.
+      "init_from": "",
   })
 
 

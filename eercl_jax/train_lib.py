@@ -23,8 +23,9 @@ def view_config(config) -> pipelines.ViewConfig:
 def load_lists(config) -> tuple[fer_lists.FerList, dict[str, fer_lists.FerList]]:
   """Validates every list (and its images) before any training starts."""
   d = config.data
-  if d.synthetic:
-    synthetic.ensure_generated(d.synthetic_root, image_size=d.synthetic_image_size)
+  if d.synthetic.enabled:
+    params = {k: v for k, v in d.synthetic.items() if k not in ("enabled", "root")}
+    synthetic.ensure_generated(d.synthetic.root, **params)
   read = lambda path: fer_lists.read_list(path, d.image_root, tuple(d.class_names),
                                           check_images=d.check_images,
                                           skip_bad_images=d.skip_bad_images)

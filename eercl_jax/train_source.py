@@ -16,7 +16,7 @@ from absl import logging
 
 from eercl_jax import checkpoints, logs, losses, optim, parallel, train_lib
 from eercl_jax.data import pipelines
-from eercl_jax.models import eercl
+from eercl_jax.models import eercl, pretrained
 
 
 @flax.struct.dataclass
@@ -31,6 +31,8 @@ class TrainState:
 def create_state(config, model, tx, rng) -> TrainState:
   init_rng, rng = jax.random.split(rng)
   variables = eercl.init_variables(model, init_rng, config.data.crop)
+  if config.model.init_from:
+    variables, _ = pretrained.init_backbone(config.model, variables, config.model.init_from)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng)

@@ -1,7 +1,39 @@
-"""Test-wide settings: 8 fake CPU devices so multi-device code is exercised on any machine."""
+"""Test-wide settings: 8 fake CPU devices so multi-device code is exercised on any machine, and a
+small synthetic FER data set shared by the end-to-end tests."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The end-to-end tests build the same programs several times (and in CLI subprocesses): a
+# per-session persistent compilation cache turns the repeats into cache hits.
+import tempfile  # pylint: disable=wrong-import-position
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eercl_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_SYNTHETIC = dict(image_size=32, train_per_class=24, test_per_class=8, target_per_class=16)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A folder holding `data/` with a small synthetic set in the real list layout; the configs'
+  relative paths resolve against it (tests chdir into it)."""
+  from eercl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("fer")
+  synthetic.ensure_generated(str(root / "data"), **SMALL_SYNTHETIC)
+  return root
+
+
+def tiny(config):
+  """Shrinks a demo config to seconds: 32 px images, the smallest ViT and head."""
+  config.data.synthetic.update(SMALL_SYNTHETIC)
+  config.data.resize, config.data.crop = 36, 32
+  config.model.bottleneck_dim = config.model.width = 32
+  config.model.feat_dim = 16
+  config.batch_size, config.bn_group_size, config.eval_batch_size = 32, 16, 64
+  return config

@@ -1,0 +1,272 @@
+"""grain input pipelines: an infinite shuffled training stream and single-pass evaluation batches.
+
+Both are built the same way: a grain `MapDataset` over *positions* in this process's share of the
+stream, mapped to (epoch, list index) by a pure function, then to decoded and augmented examples,
+then batched. Position -> example is pure in (seed, epoch, index), so batches do not depend on the
+number of decoding workers or threads, and a stream resumes exactly from its iterator state.
+
+grain's own `shuffle` is not used because it permutes a flat stream, which cannot drop each epoch's
+incomplete last batch (the original's drop_last) nor give every process a contiguous block of rows
+of the global batch.
+
+Batches are dicts of numpy arrays; images are uint8 NHWC (normalised on device by the step).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import sys
+from typing import Iterator, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from eercl_jax.data import transforms
+from eercl_jax.data.lists import FerList
+
+VIEWS = ("weak", "strong", "test")
+# Leading words of the seed-sequence entropy, so the permutation and the per-example streams can
+# never share a seed (numpy zero-pads short entropy, so [s, e] and [s, e, 0] would collide).
+_PERMUTATION_TAG = 0x5045524D
+_VIEW_TAG = 0x56494557
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+  resize: int = 256   # square resize of the weak/test views
+  crop: int = 224     # output size of every view
+
+
+# ----------------------------------------------------------------------- small pure helpers
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """(first row, number of rows) of the global batch that process `process_index` produces."""
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  rows = global_batch // process_count
+  return process_index * rows, rows
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full global batches per epoch (the incomplete last one is dropped)."""
+  return num_examples // global_batch
+
+
+def epoch_of_step(step: int, *, num_examples: int, global_batch: int, start_epoch: int = 0) -> int:
+  """Epoch of the `step`-th (0-based) batch of a `train_dataset` stream started at `start_epoch`."""
+  return start_epoch + step // steps_per_epoch(num_examples, global_batch)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The order of the list in `epoch`; cached because every example of the epoch asks for it."""
+  perm = np.random.default_rng([_PERMUTATION_TAG, seed, epoch]).permutation(num_examples)
+  perm.flags.writeable = False
+  return perm
+
+
+def view_rngs(seed: int, epoch: int, index: int, count: int) -> list[np.random.Generator]:
+  """`count` independent generators for the augmentations of image `index` in `epoch`."""
+  children = np.random.SeedSequence([_VIEW_TAG, seed, epoch, index]).spawn(count)
+  return [np.random.default_rng(c) for c in children]
+
+
+def view_keys(views: Sequence[str]) -> tuple[str, ...]:
+  """Batch keys of the views: ('weak',) -> ('image',); ('weak','strong','strong') ->
+  ('weak', 'strong1', 'strong2'): repeated views are numbered."""
+  if len(views) == 1:
+    return ("image",)
+  totals, seen, keys = collections.Counter(views), collections.Counter(), []
+  for v in views:
+    seen[v] += 1
+    keys.append(v if totals[v] == 1 else f"{v}{seen[v]}")
+  return tuple(keys)
+
+
+def make_view(view: str, img: np.ndarray, rng: np.random.Generator, cfg: ViewConfig) -> np.ndarray:
+  if view == "weak":
+    return transforms.weak_view(img, rng, cfg.resize, cfg.crop)
+  if view == "strong":
+    return transforms.strong_view(img, rng, cfg.crop)
+  if view == "test":
+    return transforms.test_view(img, cfg.resize, cfg.crop)
+  raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+
+
+# ---------------------------------------------------------------- position -> example maps
+# Plain dataclasses with __call__ so grain can pickle them into worker processes.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+  """(epoch, list index, valid) -> dict of views, label, index (and valid when asked)."""
+  fer_list: FerList
+  views: tuple[str, ...]
+  view_cfg: ViewConfig
+  seed: int
+  with_valid: bool
+
+  def __call__(self, located: tuple[int, int, bool]) -> dict:
+    epoch, index, valid = located
+    img = transforms.load_image(self.fer_list.paths[index])
+    rngs = view_rngs(self.seed, epoch, index, len(self.views))
+    example = {key: make_view(view, img, rng, self.view_cfg)
+               for key, view, rng in zip(view_keys(self.views), self.views, rngs)}
+    example["label"] = np.int32(self.fer_list.labels[index])
+    example["index"] = np.int32(index)
+    if self.with_valid:
+      example["valid"] = np.bool_(valid)
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainLocator:
+  """k-th example of this process's stream -> (epoch, list index, True)."""
+  num_examples: int
+  global_batch: int
+  first_row: int
+  rows: int
+  seed: int
+  start_epoch: int
+
+  def __call__(self, k: int) -> tuple[int, int, bool]:
+    step, row = divmod(k, self.rows)
+    epochs_done, step_in_epoch = divmod(step, steps_per_epoch(self.num_examples, self.global_batch))
+    epoch = self.start_epoch + epochs_done
+    position = step_in_epoch * self.global_batch + self.first_row + row
+    return epoch, int(epoch_permutation(self.seed, epoch, self.num_examples)[position]), True
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalLocator:
+  """k-th example of this process's share of the list -> (epoch, list index, valid).
+  Padding rows repeat the last image (same index, hence same augmentation) with valid=False."""
+  num_examples: int
+  global_batch: int
+  first_row: int
+  rows: int
+  epoch: int
+
+  def __call__(self, k: int) -> tuple[int, int, bool]:
+    step, row = divmod(k, self.rows)
+    position = step * self.global_batch + self.first_row + row
+    valid = position < self.num_examples
+    return self.epoch, min(position, self.num_examples - 1), valid
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Iterates `batches[next_batch:]` through grain's prefetching.
+
+  Its state is just the number of batches consumed. grain's own state for `mp_prefetch` is per
+  worker, is rejected by an in-process iterator and is silently misread by one with a different
+  worker count; a batch count restores exactly whatever `num_workers` the resumed run uses.
+  """
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int, prefetch: int):
+    super().__init__()
+    self._batches, self._num_workers, self._prefetch = batches, num_workers, prefetch
+    self._next_batch = 0
+    self._inner = None  # started lazily, so set_state right after iter() starts workers once
+
+  def _start(self):
+    ds = self._batches[self._next_batch:]
+    # grain's default read options prefetch 500 elements (here: batches), far too many images.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._prefetch,
+                                              prefetch_buffer_size=self._prefetch))
+    if self._num_workers > 0:
+      # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
+      # are unparsed and reading them raises, so fall back to the flags' defaults there.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    return iter(it)
+
+  def __next__(self) -> dict:
+    self._assert_not_closed()
+    if self._inner is None:
+      self._inner = self._start()
+    batch = next(self._inner)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next_batch}
+
+  def set_state(self, state: dict) -> None:
+    self._close_inner()
+    self._next_batch = int(state["next_batch"])
+
+  def _close_inner(self):
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+
+  def close(self) -> None:
+    self._close_inner()
+    super().close()
+
+
+class _BatchDataset(grain.IterDataset):
+  """An IterDataset over a MapDataset of batches whose iterators resume by batch count."""
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int, prefetch: int):
+    super().__init__()
+    self._batches, self._num_workers, self._prefetch = batches, num_workers, prefetch
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._batches, self._num_workers, self._prefetch)
+
+
+def _finish(ds: grain.MapDataset, rows: int, num_workers: int, prefetch: int) -> _BatchDataset:
+  # Batch before leaving MapDataset land: mp_prefetch hands whole batches to workers
+  # round-robin, so a batch never mixes examples from different workers.
+  return _BatchDataset(ds.batch(rows, drop_remainder=True), num_workers, prefetch)
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def train_dataset(fer_list: FerList, *, views: Sequence[str], view_cfg: ViewConfig,
+                  global_batch: int, seed: int, start_epoch: int = 0, process_index: int = 0,
+                  process_count: int = 1, num_workers: int = 0,
+                  prefetch: int = 2) -> grain.IterDataset:
+  """Infinite stream of this process's rows of each global batch.
+
+  Epoch e (from `start_epoch` on) visits the list in the order `epoch_permutation(seed, e)` and
+  drops its incomplete last global batch. `iter(ds)` supports get_state()/set_state(); the state
+  ({'next_batch': n}) fits any dataset built with the same arguments except num_workers/prefetch.
+  """
+  views = tuple(views)
+  for v in views:
+    if v not in VIEWS:
+      raise ValueError(f"unknown view {v!r}; expected one of {VIEWS}")
+  first_row, rows = process_rows(global_batch, process_index, process_count)
+  if len(fer_list) < global_batch:
+    raise ValueError(f"{fer_list.list_path}: {len(fer_list)} images, fewer than one global "
+                     f"batch of {global_batch}")
+  locate = _TrainLocator(len(fer_list), global_batch, first_row, rows, seed, start_epoch)
+  ds = (grain.MapDataset.range(sys.maxsize)
+        .map(locate)
+        .map(_Example(fer_list, views, view_cfg, seed, with_valid=False)))
+  return _finish(ds, rows, num_workers, prefetch)
+
+
+def eval_batches(fer_list: FerList, *, view: str, view_cfg: ViewConfig, batch_size: int,
+                 seed: int = 0, epoch: int = 0, process_index: int = 0, process_count: int = 1,
+                 num_workers: int = 0, prefetch: int = 2) -> Iterator[dict]:
+  """One pass over the list in order, global batches of `batch_size` (the last one padded, see
+  `valid`); this process gets its rows of each. Keys: image, label, index, valid."""
+  if view not in ("test", "weak"):
+    raise ValueError(f"eval view must be 'test' or 'weak', got {view!r}")
+  first_row, rows = process_rows(batch_size, process_index, process_count)
+  num_batches = -(-len(fer_list) // batch_size)
+  locate = _EvalLocator(len(fer_list), batch_size, first_row, rows, epoch)
+  ds = (grain.MapDataset.range(num_batches * rows)
+        .map(locate)
+        .map(_Example(fer_list, (view,), view_cfg, seed, with_valid=True)))
+  return iter(_finish(ds, rows, num_workers, prefetch))

@@ -1,0 +1,179 @@
+"""grain pipelines: shapes, determinism, epochs and drop_last, resume, process sharding, eval."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from eercl_jax.data import lists, pipelines as P, transforms as T
+
+N, G = 13, 4                 # 13 images, global batch 4: 3 steps per epoch, 1 image dropped
+CFG = P.ViewConfig(resize=20, crop=16)
+CLASSES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def fer_list(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fer")
+  lines = []
+  for i in range(N):
+    rel = f"d/{i:02d}.png"
+    colour = np.random.default_rng(i).integers(0, 256, (18 + i % 3, 24, 3), dtype=np.uint8)
+    os.makedirs(root / "d", exist_ok=True)
+    Image.fromarray(colour).save(root / rel)
+    lines.append(f"{rel} {i % 3}\n")
+  (root / "list.txt").write_text("".join(lines))
+  return lists.read_list(str(root / "list.txt"), str(root), CLASSES)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _train(fer_list, **kw):
+  args = dict(views=("weak",), view_cfg=CFG, global_batch=G, seed=7)
+  return iter(P.train_dataset(fer_list, **{**args, **kw}))
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_source_stage_batch(fer_list):
+  b = next(_train(fer_list))
+  assert set(b) == {"image", "label", "index"}
+  assert b["image"].shape == (G, 16, 16, 3) and b["image"].dtype == np.uint8
+  assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
+  np.testing.assert_array_equal(b["label"], fer_list.labels[b["index"]])
+
+
+def test_adaptation_stage_batch_has_three_independent_views(fer_list):
+  b = next(_train(fer_list, views=("weak", "strong", "strong")))
+  assert set(b) == {"weak", "strong1", "strong2", "label", "index"}
+  for k in ("weak", "strong1", "strong2"):
+    assert b[k].shape == (G, 16, 16, 3) and b[k].dtype == np.uint8
+  assert not np.array_equal(b["strong1"], b["strong2"])
+
+
+def test_views_are_a_pure_function_of_seed_epoch_index(fer_list):
+  b = next(_train(fer_list))  # step 0 is epoch 0
+  for row, index in enumerate(b["index"]):
+    rng, = P.view_rngs(7, 0, int(index), 1)
+    expected = T.weak_view(T.load_image(fer_list.paths[index]), rng, CFG.resize, CFG.crop)
+    np.testing.assert_array_equal(b["image"][row], expected)
+
+
+def test_deterministic(fer_list):
+  _assert_batches_equal(_take(_train(fer_list), 4), _take(_train(fer_list), 4))
+  other = next(_train(fer_list, seed=8))
+  assert not np.array_equal(other["index"], next(_train(fer_list))["index"])
+
+
+def test_epochs_reshuffle_and_drop_last(fer_list):
+  steps = P.steps_per_epoch(N, G)
+  assert steps == 3
+  batches = _take(_train(fer_list), 2 * steps)
+  epochs = [np.concatenate([b["index"] for b in batches[e * steps:(e + 1) * steps]])
+            for e in range(2)]
+  for e, seen in enumerate(epochs):
+    assert len(set(seen.tolist())) == steps * G          # no repeats within an epoch
+    np.testing.assert_array_equal(seen, P.epoch_permutation(7, e, N)[:steps * G])
+    assert sorted(P.epoch_permutation(7, e, N)) == list(range(N))
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert [P.epoch_of_step(s, num_examples=N, global_batch=G) for s in range(7)] == \
+      [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_start_epoch(fer_list):
+  later = _take(_train(fer_list), 6)[3:]
+  _assert_batches_equal(_take(_train(fer_list, start_epoch=1), 3), later)
+
+
+def test_resume_from_state(fer_list):
+  it = _train(fer_list, views=("weak", "strong", "strong"))
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))  # as a checkpoint would store it
+  expected = _take(it, 3)
+  resumed = _train(fer_list, views=("weak", "strong", "strong"))
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), expected)
+
+
+def test_process_sharding_concatenates_to_the_global_batch(fer_list):
+  whole = _take(_train(fer_list, global_batch=G), 5)
+  parts = [_take(_train(fer_list, process_index=p, process_count=2), 5) for p in range(2)]
+  for step, b in enumerate(whole):
+    for k in b:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][k], parts[1][step][k]]), b[k], err_msg=k)
+    assert parts[0][step]["image"].shape[0] == G // 2
+
+
+def test_train_errors(fer_list):
+  with pytest.raises(ValueError, match="divisible"):
+    P.train_dataset(fer_list, views=("weak",), view_cfg=CFG, global_batch=6, seed=0,
+                    process_count=4)
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    P.train_dataset(fer_list, views=("weak",), view_cfg=CFG, global_batch=16, seed=0)
+  with pytest.raises(ValueError, match="unknown view"):
+    P.train_dataset(fer_list, views=("weird",), view_cfg=CFG, global_batch=4, seed=0)
+
+
+def _eval(fer_list, **kw):
+  return list(P.eval_batches(fer_list, **{**dict(view="test", view_cfg=CFG, batch_size=G), **kw}))
+
+
+def test_eval_covers_each_image_once_in_order(fer_list):
+  batches = _eval(fer_list)
+  assert len(batches) == 4                          # ceil(13 / 4)
+  for b in batches:
+    assert set(b) == {"image", "label", "index", "valid"}
+    assert b["image"].shape == (G, 16, 16, 3) and b["valid"].dtype == np.bool_
+  index = np.concatenate([b["index"] for b in batches])
+  valid = np.concatenate([b["valid"] for b in batches])
+  np.testing.assert_array_equal(index[valid], np.arange(N))
+  assert valid.sum() == N and not valid[N:].any()
+  b = batches[0]
+  expected = T.test_view(T.load_image(fer_list.paths[0]), CFG.resize, CFG.crop)
+  np.testing.assert_array_equal(b["image"][0], expected)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[valid],
+                                fer_list.labels)
+
+
+def test_eval_process_sharding(fer_list):
+  whole = _eval(fer_list, batch_size=G)
+  parts = [_eval(fer_list, batch_size=G, process_index=p, process_count=2) for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(whole)
+  for step, b in enumerate(whole):
+    for k in b:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][k], parts[1][step][k]]), b[k], err_msg=k)
+
+
+def test_eval_weak_view_depends_on_seed_and_epoch_only(fer_list):
+  a = _eval(fer_list, view="weak", seed=3, epoch=1)
+  _assert_batches_equal(a, _eval(fer_list, view="weak", seed=3, epoch=1))
+  b = _eval(fer_list, view="weak", seed=3, epoch=2)
+  assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+def test_two_workers_match_in_process_and_resume_across_worker_counts(fer_list):
+  kw = dict(views=("weak", "strong", "strong"))
+  in_process = _take(_train(fer_list, **kw), 4)
+  it = _train(fer_list, num_workers=2, **kw)
+  try:
+    first = _take(it, 2)
+    state = it.get_state()
+    _assert_batches_equal(first + _take(it, 2), in_process)
+  finally:
+    it.close()
+  # The state counts batches, so a run may resume with another number of workers.
+  resumed = _train(fer_list, **kw)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 2), in_process[2:])
+  _assert_batches_equal(_eval(fer_list, num_workers=2), _eval(fer_list))

@@ -1,0 +1,151 @@
+"""The adaptation stage: the sharded step on 1 vs 8 devices, exact resume (banks, EMA teacher,
+ring pointers), source-checkpoint checks and the CLI."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo_adapt, demo_source
+from eercl_jax import optim, parallel, train_adapt, train_lib, train_source
+from eercl_jax.data import pipelines
+from eercl_jax.models import eercl
+from tests.conftest import REPO, tiny
+
+
+@pytest.fixture(scope="module")
+def source_run(data_dir, tmp_path_factory):
+  """A briefly trained tiny source model (its workdir)."""
+  workdir = str(tmp_path_factory.mktemp("source"))
+  old = os.getcwd()
+  os.chdir(data_dir)
+  try:
+    c = tiny(demo_source.get_config())
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
+    train_source.train_and_evaluate(c, workdir)
+  finally:
+    os.chdir(old)
+  return workdir
+
+
+def _config(source_run, **overrides):
+  c = tiny(demo_adapt.get_config())
+  c.source_checkpoint = source_run
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
+  c.adapt.pseudo_update_interval = 2
+  c.adapt.bank_size = 48          # not a multiple of the batch: exercises the ring truncation
+  c.adapt.refresh_batch_size = 64
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def _steps(config, devices, batches):
+  mesh = parallel.create_mesh(devices)
+  model = eercl.create_model(config.model)
+  tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=("classifier",))
+  variables, _ = train_adapt.load_source_variables(config, model, mesh)
+  target_list, _ = train_lib.load_lists(config)
+  state = train_adapt.create_state(config, model, tx, variables, len(target_list), mesh)
+  state, _ = train_adapt.refresh_banks(state, target_list, 0,
+                                       embed=train_adapt._make_embed(model, config),
+                                       config=config, mesh=mesh, with_teacher=True)
+  step = train_adapt.compile_adapt_step(config, model, tx, mesh)
+  metrics = []
+  for b in batches:
+    state, m = step(state, parallel.shard_batch(b, mesh))
+    metrics.append(train_lib.to_host_scalars(m))
+  return jax.device_get(state), metrics
+
+
+def test_adapt_step_on_one_and_eight_devices_agree(data_dir, source_run, monkeypatch):
+  monkeypatch.chdir(data_dir)
+  config = _config(source_run)
+  target_list, _ = train_lib.load_lists(config)
+  it = iter(pipelines.train_dataset(target_list, views=("weak", "strong", "strong"),
+                                    view_cfg=train_lib.view_config(config),
+                                    global_batch=config.batch_size, seed=0))
+  batches = [next(it) for _ in range(2)]
+  s1, m1 = _steps(config, jax.devices()[:1], batches)
+  s8, m8 = _steps(config, jax.devices(), batches)
+  for a, b in zip(m1, m8):
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree_util.tree_map(close, (s1.params, s1.teacher_params, s1.banks),
+                         (s8.params, s8.teacher_params, s8.banks))
+  # The frozen classifier did not move; the rest did; the teacher moved 1% of the way.
+  src = jax.device_get(train_adapt.load_source_variables(
+      config, eercl.create_model(config.model), parallel.create_mesh(jax.devices()[:1]))[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, src["params"]["classifier"],
+                         s1.params["classifier"])
+  assert np.abs(src["params"]["sfda_bottleneck"]["kernel"]
+                - s1.params["sfda_bottleneck"]["kernel"]).max() > 0
+  assert int(s1.banks.neg_weak_ptr) == 0 and int(s1.banks.neg_strong_ptr) == 0  # 32, then 48->0
+
+
+def test_resume_restores_banks_teacher_and_pointers(data_dir, source_run, monkeypatch, tmp_path):
+  monkeypatch.chdir(data_dir)
+  whole = train_adapt.train_and_evaluate(_config(source_run, num_steps=3),
+                                         str(tmp_path / "whole"))
+  train_adapt.train_and_evaluate(_config(source_run, num_steps=2), str(tmp_path / "split"))
+  resumed = train_adapt.train_and_evaluate(_config(source_run, num_steps=3),
+                                           str(tmp_path / "split"))
+  assert "resumed adaptation" in open(tmp_path / "split" / "logs" / "train.log").read()
+  assert resumed["final"] == pytest.approx(whole["final"])
+  assert resumed["source_only"] == pytest.approx(whole["source_only"])
+
+  def state_of(workdir):
+    config = _config(source_run, num_steps=3)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    model = eercl.create_model(config.model)
+    tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=("classifier",))
+    variables, _ = train_adapt.load_source_variables(config, model, mesh)
+    template = train_adapt.create_state(config, model, tx, variables, 112, mesh)
+    from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    ck = checkpoints.RunCheckpoints(str(workdir))
+    state, _, _ = ck.restore_latest(checkpoints.abstract_like(template))
+    return jax.device_get(state)
+
+  a, b = state_of(tmp_path / "whole"), state_of(tmp_path / "split")
+  assert int(a.step) == int(b.step) == 3
+  assert int(a.banks.neg_weak_ptr) == int(b.banks.neg_weak_ptr) == 32  # 0 -> 32 -> 0 (wrap) -> 32
+  close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(close, (a.params, a.teacher_params, a.teacher_batch_stats, a.banks),
+                         (b.params, b.teacher_params, b.teacher_batch_stats, b.banks))
+
+
+def test_source_checkpoint_mismatch_names_the_difference(data_dir, source_run, monkeypatch,
+                                                         tmp_path):
+  monkeypatch.chdir(data_dir)
+  config = _config(source_run)
+  config.model.feat_dim = 24
+  with pytest.raises(ValueError, match="model.feat_dim: checkpoint 16 vs config 24"):
+    train_adapt.train_and_evaluate(config, str(tmp_path / "bad"))
+  config = _config(source_run)
+  config.data.class_names = tuple(reversed(config.data.class_names))
+  with pytest.raises(ValueError, match="data.class_names"):
+    train_adapt.train_and_evaluate(config, str(tmp_path / "bad2"))
+  with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    train_adapt.train_and_evaluate(_config("does-not-exist"), str(tmp_path / "bad3"))
+
+
+def test_cli_adapts_and_prints_side_by_side(data_dir, source_run, tmp_path):
+  from tests.test_train_source import TINY_FLAGS  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "adapt"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_adapt.py",
+       f"--workdir={workdir}", *TINY_FLAGS, f"--config.source_checkpoint={source_run}",
+       "--config.num_steps=3", "--config.eval_every=3", "--config.adapt.pseudo_update_interval=2",
+       "--config.adapt.refresh_batch_size=64"],
+      cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[adapt] final: " in proc.stdout and "target: source-only" in proc.stdout
+  assert os.listdir(workdir / "checkpoints") == ["3"] and os.listdir(workdir / "best")
+  log = open(workdir / "logs" / "train.log").read()
+  for word in ("aad_pos", "aad_neg", "info_nce", "mask_acc", "cluster_mask_acc", "mean_max_prob",
+               "bank refresh", "oracle selection"):
+    assert word in log, word

@@ -1,0 +1,119 @@
+"""The source stage: the sharded step on 1 vs 8 devices, checkpoint/resume, and the CLI."""
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo_source
+from eercl_jax import checkpoints, optim, parallel, train_lib, train_source
+from eercl_jax.data import pipelines
+from eercl_jax.models import eercl
+from tests.conftest import REPO, tiny
+
+
+def _config(**overrides):
+  c = tiny(demo_source.get_config())
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def _run_steps(config, devices, batches):
+  model = eercl.create_model(config.model)
+  tx = optim.make_optimizer(config.optim, eercl.param_groups)
+  mesh = parallel.create_mesh(devices)
+  state = parallel.replicate(train_source.create_state(config, model, tx, jax.random.PRNGKey(0)),
+                             mesh)
+  step = train_source.compile_train_step(config, model, tx, mesh)
+  out = []
+  for b in batches:
+    state, metrics = step(state, parallel.shard_batch(b, mesh))
+    out.append(train_lib.to_host_scalars(metrics))
+  return jax.device_get(state), out
+
+
+def test_step_on_one_and_eight_devices_agree(data_dir, monkeypatch):
+  monkeypatch.chdir(data_dir)
+  config = _config()
+  train_list, _ = train_lib.load_lists(config)
+  it = iter(pipelines.train_dataset(train_list, views=("weak",),
+                                    view_cfg=train_lib.view_config(config),
+                                    global_batch=config.batch_size, seed=0))
+  batches = [next(it) for _ in range(3)]
+  assert len(jax.devices()) == 8
+  s1, m1 = _run_steps(config, jax.devices()[:1], batches)
+  s8, m8 = _run_steps(config, jax.devices(), batches)
+  for a, b in zip(m1, m8):
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         (s1.params, s1.batch_stats), (s8.params, s8.batch_stats))
+  # The steps did train: parameters moved.
+  s0, _ = _run_steps(config, jax.devices()[:1], [])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), s0.params, s1.params)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
+  monkeypatch.chdir(data_dir)
+  whole = train_source.train_and_evaluate(_config(), str(tmp_path / "whole"))
+  train_source.train_and_evaluate(_config(num_steps=2), str(tmp_path / "split"))
+  resumed = train_source.train_and_evaluate(_config(), str(tmp_path / "split"))
+  assert "resumed from" in open(tmp_path / "split" / "logs" / "train.log").read()
+  assert resumed["final"] == pytest.approx(whole["final"])
+
+  def params_of(workdir):
+    ckpt = checkpoints.RunCheckpoints(str(workdir))
+    assert ckpt.latest_step() == 4
+    model = eercl.create_model(_config().model)
+    shapes = jax.eval_shape(lambda: eercl.init_variables(model, jax.random.PRNGKey(0), 32))
+    return checkpoints.restore_subtree(str(workdir / "checkpoints"), dict(shapes))
+
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         params_of(tmp_path / "whole"), params_of(tmp_path / "split"))
+
+
+def _cli(args, cwd):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "eercl_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+TINY_FLAGS = ["--config.data.synthetic.image_size=32", "--config.data.synthetic.train_per_class=24",
+              "--config.data.synthetic.test_per_class=8",
+              "--config.data.synthetic.target_per_class=16", "--config.data.resize=36",
+              "--config.data.crop=32", "--config.model.bottleneck_dim=32", "--config.model.width=32",
+              "--config.model.feat_dim=16", "--config.batch_size=32", "--config.bn_group_size=16",
+              "--config.eval_batch_size=64"]
+
+
+def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  proc = _cli([f"--config={REPO}/configs/demo_source.py", f"--workdir={workdir}", *TINY_FLAGS,
+               "--config.num_steps=6", "--config.log_every=2", "--config.eval_every=3",
+               "--config.checkpoint_every=3"], cwd=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[source] final: source accuracy" in proc.stdout and "target accuracy" in proc.stdout
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert os.listdir(workdir / "best")
+  log = open(workdir / "logs" / "train.log").read()
+  assert "ETA" in log and "step 6/6" in log
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+  assert events
+  acc = event_accumulator.EventAccumulator(events[0], size_guidance={"tensors": 0})
+  acc.Reload()
+  tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+  assert {"train/loss", "train/lr", "eval/source_accuracy", "eval/target_accuracy"} <= tags
+
+
+def test_cli_rejects_a_misspelt_key(data_dir, tmp_path):
+  proc = _cli([f"--config={REPO}/configs/demo_source.py", f"--workdir={tmp_path}",
+               "--config.optim.lrr=0.1"], cwd=data_dir)
+  assert proc.returncode != 0
+  assert "lrr" in proc.stderr
