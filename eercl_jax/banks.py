@@ -31,6 +31,10 @@ class Banks:
   neg_strong_ptr: jax.Array  # () int32
 
 
+# The fields with one row per target image (sharded by rows with config.adapt.shard_banks).
+ROW_BANKS = ("aad_feat", "aad_score", "feat", "score", "label")
+
+
 def init_banks(rng, num_images: int, feat_dim: int, num_classes: int, neg_size: int = 512,
                faithful_init: bool = True, zero_negatives: bool = False) -> Banks:
   """Initial banks. faithful_init: randn N-row banks as the original (Q1); otherwise zeros, which

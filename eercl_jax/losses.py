@@ -108,29 +108,32 @@ def instance_relation_nce(query, key, negatives, relation, temperature):
 # ------------------------------------------------------------------------------------------------
 # clustering (2.6) and cluster labels
 
-def cluster_prototypes(features, probs, threshold: int = 0, rounds: int = 2):
+def cluster_prototypes(features, probs, threshold: int = 0, rounds: int = 2, valid=None):
   """SHOT-style weighted k-means with cosine distance -> (labels (N,) int32, prototypes (C, D)).
 
   Round 1 uses the soft scores as affinities, later rounds the one-hot of the previous labels.
   The labelset restriction (classes with more than `threshold` members in the current hard
   labels) is a +inf mask on the distances, so shapes stay static. Prototypes are the normalised
   centroids of the last round (the hard means of the second-to-last assignment); an empty class
-  gives a zero prototype. Memory is O(N*(D+C)): no N x N.
+  gives a zero prototype. Memory is O(N*(D+C)): no N x N. `valid` (N,) bool excludes rows (the
+  padding of a bank sharded over devices) from centroids and class counts.
   """
   n, c = probs.shape
+  keep = jnp.ones((n,), jnp.float32) if valid is None else valid.astype(jnp.float32)
   feats = l2_normalize(features.astype(jnp.float32))
   pred = jnp.argmax(probs, axis=1).astype(jnp.int32)
-  aff = probs.astype(jnp.float32)
+  aff = probs.astype(jnp.float32) * keep[:, None]
   centroids = None
   for _ in range(rounds):
     centroids = _mm(aff.T, feats) / (1e-8 + jnp.sum(aff, axis=0)[:, None])
-    counts = jnp.sum(jax.nn.one_hot(pred, c, dtype=jnp.int32), axis=0)
+    counts = jnp.sum(jax.nn.one_hot(pred, c, dtype=jnp.int32) * keep[:, None].astype(jnp.int32),
+                     axis=0)
     in_labelset = counts > threshold
     # cdist 'cosine' = 1 - u.v / (|u||v|); |F_i| = 1 already.
     dist = 1.0 - _mm(feats, l2_normalize(centroids).T)
     dist = jnp.where(in_labelset[None, :], dist, jnp.inf)
     pred = jnp.argmin(dist, axis=1).astype(jnp.int32)  # first index on ties, like numpy
-    aff = jax.nn.one_hot(pred, c, dtype=jnp.float32)
+    aff = jax.nn.one_hot(pred, c, dtype=jnp.float32) * keep[:, None]
   return pred, l2_normalize(centroids)
 
 

@@ -73,10 +73,12 @@ def _teacher_forward(model, params, batch_stats, x, groups, perm_rng, dropout_rn
 # ----------------------------------------------------------------------------------------------
 # The adaptation step
 
-def adapt_step(state: AdaptState, batch: dict, *, model, tx, config):
+def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
+               num_images=None):
+  """One EERCL step. With `config.adapt.shard_banks` the N-row banks are sharded by rows over
+  `mesh` (padded to a multiple of the device count; `num_images` rows are real)."""
   a = config.adapt
-  num_images = batch["index"].shape[0]
-  groups = train_lib.bn_groups(num_images, config.bn_group_size)
+  groups = train_lib.bn_groups(batch["index"].shape[0], config.bn_group_size)
   views = [train_lib.normalize(batch[k], config) for k in ("strong1", "strong2", "weak")]
   x = _group_views(views, groups)
   rng = jax.random.fold_in(state.rng, state.step)
@@ -94,7 +96,11 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config):
   # The teacher's weak features/probabilities enter the AaD bank before the neighbour query, so
   # each sample finds itself first (dropped) - as the original.
   banks = bank_lib.update_aad_banks(state.banks, batch["index"], t_feat_w, q_w)
-  neighbours = bank_lib.aad_neighbour_probs(t_feat_w, banks.aad_feat, banks.aad_score, a.num_k)
+  if a.shard_banks:
+    neighbours = bank_lib.sharded_aad_neighbour_probs(
+        t_feat_w, banks.aad_feat, banks.aad_score, a.num_k, mesh, num_valid=num_images)
+  else:
+    neighbours = bank_lib.aad_neighbour_probs(t_feat_w, banks.aad_feat, banks.aad_score, a.num_k)
   mask = losses.confidence_mask(q_w, a.prob_threshold)
   relation = banks.relation
 
@@ -146,10 +152,23 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config):
   return new_state, metrics
 
 
-def compile_adapt_step(config, model, tx, mesh):
-  step = functools.partial(adapt_step, model=model, tx=tx, config=config)
-  rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+def state_shardings(state: AdaptState, mesh, shard_banks: bool):
+  """Everything replicated, except the N-row banks when they are sharded by rows."""
+  rep = parallel.replicated(mesh)
+  shardings = jax.tree_util.tree_map(lambda _: rep, state)
+  if not shard_banks:
+    return shardings
+  rows = bank_lib.bank_sharding(mesh)
+  return shardings.replace(banks=shardings.banks.replace(
+      **{name: rows for name in bank_lib.ROW_BANKS}))
+
+
+def compile_adapt_step(config, model, tx, mesh, state, num_images: int):
+  step = functools.partial(adapt_step, model=model, tx=tx, config=config, mesh=mesh,
+                           num_images=num_images)
+  st = state_shardings(state, mesh, config.adapt.shard_banks)
+  return jax.jit(step, in_shardings=(st, parallel.batch_sharding(mesh)),
+                 out_shardings=(st, parallel.replicated(mesh)), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,11 +198,14 @@ def _write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat
   return banks
 
 
-@functools.partial(jax.jit, static_argnames=("threshold",))
-def _cluster(banks: bank_lib.Banks, threshold: int):
-  labels, prototypes = losses.cluster_prototypes(banks.feat, banks.score, threshold=threshold)
-  orig_acc = jnp.mean(jnp.argmax(banks.score, -1) == banks.label)
-  acc = jnp.mean(labels == banks.label)
+@functools.partial(jax.jit, static_argnames=("threshold", "num_images"), donate_argnums=0)
+def _cluster(banks: bank_lib.Banks, threshold: int, num_images: int):
+  valid = jnp.arange(banks.feat.shape[0]) < num_images   # rows past N pad a sharded bank
+  labels, prototypes = losses.cluster_prototypes(banks.feat, banks.score, threshold=threshold,
+                                                 valid=valid)
+  mean = lambda hits: jnp.sum(jnp.where(valid, hits, False)) / num_images
+  orig_acc = mean(jnp.argmax(banks.score, -1) == banks.label)
+  acc = mean(labels == banks.label)
   return banks.replace(prototypes=prototypes), orig_acc, acc
 
 
@@ -210,7 +232,8 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
                        if with_teacher else (feat, score))
     banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
                            t_score, with_teacher)
-  banks, orig_acc, acc = _cluster(banks, a.cluster_threshold)
+  banks, orig_acc, acc = _cluster(banks, a.cluster_threshold, len(target_list))
+  banks = jax.device_put(banks, state_shardings(state, mesh, a.shard_banks).banks)
   stats = {"refresh/orig_acc": float(orig_acc), "refresh/cluster_acc": float(acc)}
   return state.replace(banks=banks), stats
 
@@ -270,7 +293,8 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
   if bool(jnp.any(g <= 0)):
     # The relation matrix uses the direction v; it equals the effective weight only if g > 0.
     logging.warning("classifier g has non-positive entries: relation matrix uses v (Q7)")
-  banks = bank_lib.init_banks(bank_rng, num_images, config.model.feat_dim,
+  rows = bank_lib.pad_rows(num_images, mesh.devices.size) if a.shard_banks else num_images
+  banks = bank_lib.init_banks(bank_rng, rows, config.model.feat_dim,
                               config.model.num_classes, neg_size=a.bank_size,
                               faithful_init=a.faithful_bank_init,
                               zero_negatives=a.zero_negative_banks)
@@ -281,7 +305,7 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
   state = AdaptState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      teacher_params=copy(params), teacher_batch_stats=copy(batch_stats),
                      opt_state=tx.init(params), rng=rng, banks=banks)
-  return parallel.replicate(state, mesh)
+  return jax.device_put(state, state_shardings(state, mesh, a.shard_banks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +373,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return it
 
   it = new_iterator(stream, data_state["iterator"] if data_state else None)
-  p_step = compile_adapt_step(config, model, tx, mesh)
+  p_step = compile_adapt_step(config, model, tx, mesh, state, len(target_list))
   progress = logs.Progress(start, config.num_steps)
   interval = config.adapt.pseudo_update_interval
   logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",

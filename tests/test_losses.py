@@ -293,3 +293,20 @@ def test_confidence_mask():
   p = jnp.asarray(np.array([[0.95, 0.05], [0.9, 0.1], [0.02, 0.98]], np.float32))
   np.testing.assert_array_equal(np.asarray(jax.jit(L.confidence_mask)(p, 0.95)),
                                 [True, False, True])
+
+
+def test_cluster_prototypes_ignores_invalid_padding_rows():
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(30, 5)).astype(np.float32)
+  probs = rng.dirichlet(np.ones(4), size=30).astype(np.float32)
+  labels, protos = L.cluster_prototypes(jnp.asarray(feats), jnp.asarray(probs))
+  # Padding rows (as in a bank sharded over devices) with garbage that would change the result.
+  pad_f = np.concatenate([feats, 50 * rng.normal(size=(6, 5)).astype(np.float32)])
+  pad_p = np.concatenate([probs, np.tile(np.eye(4, dtype=np.float32)[:1], (6, 1))])
+  valid = np.arange(36) < 30
+  labels_p, protos_p = L.cluster_prototypes(jnp.asarray(pad_f), jnp.asarray(pad_p),
+                                                 valid=jnp.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(labels_p)[:30], np.asarray(labels))
+  np.testing.assert_allclose(np.asarray(protos_p), np.asarray(protos), rtol=1e-5, atol=1e-6)
+  _, protos_bad = L.cluster_prototypes(jnp.asarray(pad_f), jnp.asarray(pad_p))
+  assert not np.allclose(np.asarray(protos_bad), np.asarray(protos))

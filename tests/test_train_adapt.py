@@ -52,12 +52,12 @@ def _steps(config, devices, batches):
   state, _ = train_adapt.refresh_banks(state, target_list, 0,
                                        embed=train_adapt._make_embed(model, config),
                                        config=config, mesh=mesh, with_teacher=True)
-  step = train_adapt.compile_adapt_step(config, model, tx, mesh)
+  step = train_adapt.compile_adapt_step(config, model, tx, mesh, state, len(target_list))
   metrics = []
   for b in batches:
     state, m = step(state, parallel.shard_batch(b, mesh))
     metrics.append(train_lib.to_host_scalars(m))
-  return jax.device_get(state), metrics
+  return state, metrics
 
 
 def test_adapt_step_on_one_and_eight_devices_agree(data_dir, source_run, monkeypatch):
@@ -69,13 +69,20 @@ def test_adapt_step_on_one_and_eight_devices_agree(data_dir, source_run, monkeyp
                                     global_batch=config.batch_size, seed=0))
   batches = [next(it) for _ in range(2)]
   s1, m1 = _steps(config, jax.devices()[:1], batches)
-  s8, m8 = _steps(config, jax.devices(), batches)
-  for a, b in zip(m1, m8):
-    for k in a:
-      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+  s1 = jax.device_get(s1)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree_util.tree_map(close, (s1.params, s1.teacher_params, s1.banks),
-                         (s8.params, s8.teacher_params, s8.banks))
+  for shard_banks in (False, True):   # replicated banks, then banks sharded by rows
+    config.adapt.shard_banks = shard_banks
+    s8, m8 = _steps(config, jax.devices(), batches)
+    if shard_banks:  # memory per device is N*D/devices
+      assert len(s8.banks.aad_feat.sharding.device_set) == 8
+      assert s8.banks.aad_feat.addressable_shards[0].data.shape[0] == len(target_list) // 8
+    s8 = jax.device_get(s8)
+    for a, b in zip(m1, m8):
+      for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    jax.tree_util.tree_map(close, (s1.params, s1.teacher_params, s1.banks),
+                           (s8.params, s8.teacher_params, s8.banks))
   # The frozen classifier did not move; the rest did; the teacher moved 1% of the way.
   src = jax.device_get(train_adapt.load_source_variables(
       config, eercl.create_model(config.model), parallel.create_mesh(jax.devices()[:1]))[0])
