@@ -17,7 +17,7 @@ def get_config():
   c.optim.lr = 0.002
   c.optim.lr_mult.backbone = 1.0
   c.num_steps = 300
-  c.log_every = 25
+  c.log_every = 50
   c.eval_every = 100
   c.checkpoint_every = 100
   c.adapt.refresh_batch_size = 128

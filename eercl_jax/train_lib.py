@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -25,7 +26,10 @@ def load_lists(config) -> tuple[fer_lists.FerList, dict[str, fer_lists.FerList]]
   d = config.data
   if d.synthetic.enabled:
     params = {k: v for k, v in d.synthetic.items() if k not in ("enabled", "root")}
-    synthetic.ensure_generated(d.synthetic.root, **params)
+    if jax.process_index() == 0:  # one writer; the other processes wait for it
+      synthetic.ensure_generated(d.synthetic.root, **params)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("synthetic data generated")
   read = lambda path: fer_lists.read_list(path, d.image_root, tuple(d.class_names),
                                           check_images=d.check_images,
                                           skip_bad_images=d.skip_bad_images)
