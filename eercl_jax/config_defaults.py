@@ -88,6 +88,7 @@ def source_config(source: str = "raf", target: str = "expw") -> ml_collections.C
   c.optim = _optim(lr=0.004, weight_decay=5e-4, schedule="inv", lr_mult=dict(VIT_LR_MULT))
   c.label_smoothing = 0.1
   c.batch_size = 64                      # global images per step (original: 2 GPUs x 32)
+  c.per_device_batch_size = 0            # > 0: batch_size = this x number of devices
   c.bn_group_size = 32                   # BN statistics over fixed groups of this many images
   c.eval_batch_size = 128
   c.num_steps = 2000
@@ -119,6 +120,7 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
   c.model = _model("vit")
   c.optim = _optim(lr=4e-4, weight_decay=5e-4, schedule="constant", lr_mult=dict(VIT_LR_MULT))
   c.batch_size = 64                      # images per step; each comes in three views
+  c.per_device_batch_size = 0            # > 0: batch_size = this x number of devices
   c.bn_group_size = 32                   # original per-GPU group: 32 images x 3 views
   c.virtual_devices = 2                  # W of the original: AaD scaled by 1/W (algorithm.md Q3)
   c.eval_batch_size = 128

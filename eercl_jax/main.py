@@ -13,6 +13,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs (default: "
+    "$JAX_COORDINATOR_ADDRESS, or detected from SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes "
+                                      "(default: $JAX_NUM_PROCESSES or SLURM).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
+                                   "(default: $JAX_PROCESS_ID or SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,8 +29,9 @@ def main(argv):
   # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
   _hide_accelerators_from_tensorflow()
   from eercl_jax import parallel  # pylint: disable=import-outside-toplevel
-  parallel.initialize_distributed()
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
+  parallel.resolve_batch_sizes(config)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   logging.info("config:\n%s", config)
   if config.stage == "source":

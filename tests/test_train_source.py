@@ -117,3 +117,33 @@ def test_cli_rejects_a_misspelt_key(data_dir, tmp_path):
                "--config.optim.lrr=0.1"], cwd=data_dir)
   assert proc.returncode != 0
   assert "lrr" in proc.stderr
+
+
+def test_init_from_loads_a_local_backbone_into_the_source_state(tmp_path):
+  """config.model.init_from goes through the same create_state the loop uses."""
+  from eercl_jax.models import pretrained  # pylint: disable=import-outside-toplevel
+  config = _config()
+  model = eercl.create_model(config.model)
+  donor = eercl.init_variables(model, jax.random.PRNGKey(7), config.data.crop)
+  path = str(tmp_path / "backbone.npz")
+  pretrained.export_backbone_npz(donor, config.model, path)
+  config.model.init_from = path
+  tx = optim.make_optimizer(config.optim, eercl.param_groups)
+  state = train_source.create_state(config, model, tx, jax.random.PRNGKey(0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, donor["params"]["backbone"],
+                         state.params["backbone"])
+  # The head is newly initialised, not copied.
+  assert not np.allclose(donor["params"]["sfda_bottleneck"]["kernel"],
+                         state.params["sfda_bottleneck"]["kernel"])
+  config.model.init_from = str(tmp_path / "missing.npz")
+  with pytest.raises((FileNotFoundError, ValueError), match="missing.npz"):
+    train_source.create_state(config, model, tx, jax.random.PRNGKey(0))
+
+
+def test_per_device_batch_size_scales_with_devices():
+  config = _config()
+  parallel.resolve_batch_sizes(config)
+  assert config.batch_size == 32
+  config.per_device_batch_size = 4
+  parallel.resolve_batch_sizes(config)
+  assert config.batch_size == 4 * jax.device_count() == 32
