@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 ITEMS = ("state", "data", "meta")
 

@@ -320,13 +320,9 @@ def _count_ratio(num, den):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  logs.setup_file_log(workdir)
-  writer = logs.create_writer(workdir)
-  mesh = parallel.create_mesh()
-  parallel.check_global_batch(config.batch_size, mesh)
-  parallel.check_global_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  """Adapts the source model; resumes from the latest checkpoint in `workdir`."""
+  writer, mesh = train_lib.start_run(config, workdir)
   parallel.check_global_batch(config.adapt.refresh_batch_size, mesh, "adapt.refresh_batch_size")
-  train_lib.bn_groups(config.batch_size, config.bn_group_size)
   if config.batch_size % config.virtual_devices:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.virtual_devices={config.virtual_devices}")

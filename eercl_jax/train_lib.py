@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
-from eercl_jax import evaluation, parallel
+from eercl_jax import evaluation, logs, parallel
 from eercl_jax.data import lists as fer_lists
 from eercl_jax.data import pipelines, synthetic
 
@@ -44,6 +44,18 @@ def load_lists(config) -> tuple[fer_lists.FerList, dict[str, fer_lists.FerList]]
   for name, fl in [("train", train), *evals.items()]:
     logging.info("list %s: %s (%d images, %d skipped)", name, fl.list_path, len(fl), fl.num_skipped)
   return train, evals
+
+
+def start_run(config, workdir: str):
+  """Log file, metric writer and mesh of a run, and the batch-size checks both stages need,
+  before any data is read. Returns (writer, mesh)."""
+  logs.setup_file_log(workdir)
+  writer = logs.create_writer(workdir)
+  mesh = parallel.create_mesh()
+  parallel.check_global_batch(config.batch_size, mesh)
+  parallel.check_global_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  bn_groups(config.batch_size, config.bn_group_size)
+  return writer, mesh
 
 
 def normalize(images: jax.Array, config) -> jax.Array:

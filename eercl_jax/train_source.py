@@ -71,12 +71,7 @@ def compile_train_step(config, model, tx, mesh):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints; resumes from the latest checkpoint in `workdir`."""
-  logs.setup_file_log(workdir)
-  writer = logs.create_writer(workdir)
-  mesh = parallel.create_mesh()
-  parallel.check_global_batch(config.batch_size, mesh)
-  parallel.check_global_batch(config.eval_batch_size, mesh, "eval_batch_size")
-  train_lib.bn_groups(config.batch_size, config.bn_group_size)
+  writer, mesh = train_lib.start_run(config, workdir)
   train_list, evals = train_lib.load_lists(config)
 
   model = eercl.create_model(config.model)
