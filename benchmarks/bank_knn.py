@@ -7,8 +7,9 @@ Per size N: bank memory per device (feature bank N x D fp32 + score bank N x C f
 median wall time (jit, warm, block_until_ready) of
   knn           top-k of a (B x N) similarity matrix,
   aad_probs     top-k, self dropped, gather of the k-1 neighbour scores (the training step's
-                AaD lookup: k = num_k + 1 = 5 in the original),
-  aad_nobarrier the same without the optimisation barrier (the CPU fusion pathology of perf-notes),
+                AaD lookup: k = adapt.aad_neighbours + 1 = 5),
+  aad_nobarrier the same without the optimisation barrier (the CPU fusion pathology of
+                docs/toolchain.md),
   sharded_knn / sharded_aad_probs over every device at hand.
 """
 from __future__ import annotations

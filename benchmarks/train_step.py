@@ -1,10 +1,10 @@
 """Throughput of the jitted training steps (a benchmark, not a test): images/s, step time,
 achieved FLOP/s from XLA's cost analysis and MFU against a peak you give.
 
-  python benchmarks/train_step.py --stage=source --vit_size=B/16 --image_size=224 \
+  python benchmarks/train_step.py --stage=source --size=B/16 --image_size=224 \
       --batch=256 --dtype=bfloat16 --peak_tflops=790          # one H200, bf16 dense peak
-  python benchmarks/train_step.py --stage=adapt --vit_size=B/16 --batch=64 --bank_rows=90000
-  python benchmarks/train_step.py --vit_size=mu/8 --image_size=32 --batch=64   # CPU smoke run
+  python benchmarks/train_step.py --stage=adapt --size=B/16 --batch=64 --bank_rows=90000
+  python benchmarks/train_step.py --size=mu/8 --image_size=32 --batch=64   # CPU smoke run
 
 Random weights and random uint8 images: the step's cost does not depend on the data.
 """
@@ -27,7 +27,8 @@ from eercl_jax.models import eercl  # noqa: E402
 def _config(args):
   c = (config_defaults.source_config() if args.stage == "source"
        else config_defaults.adapt_config("bench"))
-  c.model.vit_size, c.model.dtype = args.vit_size, args.dtype
+  c.model.backbone, c.model.size, c.model.dtype = args.backbone, args.size, args.dtype
+  c.model.remat = args.remat
   c.data.crop = c.data.resize = args.image_size
   c.batch_size = args.batch
   c.bn_group_size = min(c.bn_group_size, args.batch)
@@ -43,7 +44,9 @@ def _flops(compiled) -> float:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--stage", choices=["source", "adapt"], default="source")
-  p.add_argument("--vit_size", default="B/16")
+  p.add_argument("--backbone", default="vit", help="a registered backbone: vit | resnet")
+  p.add_argument("--size", default=None, help="its named size (default: the backbone's)")
+  p.add_argument("--remat", action="store_true", help="rematerialise backbone blocks")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--batch", type=int, default=64, help="global images per step")
   p.add_argument("--dtype", default="float32")
@@ -58,14 +61,14 @@ def main():
   rng = np.random.default_rng(0)
   image = lambda: rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
   if args.stage == "source":
-    tx = optim.make_optimizer(config.optim, eercl.param_groups)
+    tx = optim.for_model(config)
     state = parallel.replicate(train_source.create_state(config, model, tx,
                                                          jax.random.PRNGKey(0)), mesh)
     step = train_source.compile_train_step(config, model, tx, mesh)
     batch = {"image": image(), "label": rng.integers(0, 7, args.batch, np.int32)}
     images_per_step = args.batch
   else:
-    tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=("classifier",))
+    tx = optim.for_model(config, frozen=("classifier",))
     variables = eercl.init_variables(model, jax.random.PRNGKey(0), args.image_size)
     state = train_adapt.create_state(config, model, tx, variables, args.bank_rows, mesh)
     step = train_adapt.compile_adapt_step(config, model, tx, mesh, state, args.bank_rows)
@@ -88,7 +91,7 @@ def main():
     times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
   n = mesh.devices.size
-  print(f"stage={args.stage} vit={args.vit_size}@{args.image_size} dtype={args.dtype} "
+  print(f"stage={args.stage} {args.backbone}={model.size}@{args.image_size} dtype={args.dtype} "
         f"batch={args.batch} devices={n} ({jax.devices()[0].platform})")
   print(f"compile {compile_s:.1f} s | step {dt * 1e3:.1f} ms (median of {args.steps}) | "
         f"{images_per_step / dt:.1f} img/s ({images_per_step / dt / n:.1f} per device)")

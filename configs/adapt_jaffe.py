@@ -1,5 +1,5 @@
 """RAF-DB -> JAFFE adaptation with the EERCL recipe of `config_defaults.adapt_config`
-(algorithm.md 2.2 + the ViT-B optimiser). Name the source run with --config.source_checkpoint."""
+(docs/method.md + the ViT-B optimiser). Name the source run with --config.source_checkpoint."""
 from eercl_jax import config_defaults
 
 

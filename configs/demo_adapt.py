@@ -15,7 +15,7 @@ def get_config():
   c.data.select_by = "target"
   c.model = src.model
   c.optim.lr = 0.002
-  c.optim.lr_mult.backbone = 1.0
+  c.optim.lr_mult.backbone = 1.0          # trained from scratch: no 0.1x for the backbone
   c.num_steps = 300
   c.log_every = 50
   c.eval_every = 100

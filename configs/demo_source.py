@@ -14,14 +14,15 @@ def get_config():
   c.data.resize, c.data.crop = 36, 32
   c.data.num_workers = 0
   c.data.check_images = "exists"
-  c.model.vit_size = "mu/8"
+  c.model.size = "mu/8"
   c.model.bottleneck_dim, c.model.width, c.model.feat_dim = 128, 128, 64
   c.model.dropout = 0.1
   # Trained from scratch: one learning rate for every group (the ViT-B recipe's 0.1x backbone and
   # 10x head multipliers are for ImageNet weights), and a slow InvLR decay.
   c.optim.lr = 0.05
   c.optim.gamma = 0.001
-  c.optim.lr_mult = {k: 1.0 for k in c.optim.lr_mult}
+  for group in c.optim.lr_mult:
+    c.optim.lr_mult[group] = 1.0
   c.num_steps = 2000
   c.log_every = 100
   c.eval_every = 500

@@ -1,4 +1,4 @@
-"""The adaptation stage's banks (algorithm.md 2.3, 2.8, 2.11) as device arrays, with pure
+"""The adaptation stage's banks (docs/method.md, "Adaptation: banks") as device arrays, with pure
 functions on them.
 
 Banks are a pytree; every update returns a new one, so the whole training step can be jitted with
@@ -37,10 +37,12 @@ ROW_BANKS = ("aad_feat", "aad_score", "feat", "score", "label")
 
 def init_banks(rng, num_images: int, feat_dim: int, num_classes: int, neg_size: int = 512,
                faithful_init: bool = True, zero_negatives: bool = False) -> Banks:
-  """Initial banks. faithful_init: randn N-row banks as the original (Q1); otherwise zeros, which
-  is safe on the default path because the full-coverage refresh at it 0 writes every row.
-  Prototypes are randn in both modes (overwritten by the it-0 clustering), negatives randn unless
-  zero_negatives (Q9). The relation starts as the identity until computed at it 0."""
+  """Initial banks. faithful_init: randn N-row banks as the original
+  (docs/deviations.md#bank-refresh-coverage); otherwise zeros, which is safe on the default path
+  because the full-coverage refresh at step 0 writes every row. Prototypes are randn in both
+  modes (overwritten by the first clustering), negatives randn unless zero_negatives
+  (docs/deviations.md#negative-bank-initialisation). The relation starts as the identity until
+  computed from the classifier."""
   n, d, c, m = num_images, feat_dim, num_classes, neg_size
   ks = jax.random.split(rng, 7)
   if faithful_init:
@@ -65,7 +67,7 @@ def init_banks(rng, num_images: int, feat_dim: int, num_classes: int, neg_size: 
 # writes
 
 def scatter_rows(bank, idx, values):
-  """bank[idx] = values (duplicate indices: unspecified winner, as in PyTorch; Q10)."""
+  """bank[idx] = values (duplicate indices: unspecified winner, as in PyTorch)."""
   return bank.at[idx].set(values.astype(bank.dtype))
 
 
@@ -102,8 +104,9 @@ def update_aad_banks(banks: Banks, idx, feats, probs) -> Banks:
 # nearest neighbours, replicated bank
 
 def _barrier(x):
-  # perf-notes: on CPU XLA fuses top_k indices into a following gather as a pathological loop
-  # (~50x slower at N ~ 1e5); the barrier keeps them apart.
+  # On CPU XLA fuses top_k indices into a following gather as a pathological loop (~50x slower
+  # at N ~ 1e5); the barrier keeps them apart
+  # (docs/toolchain.md#top_k-then-gather-the-optimization-barrier).
   return jax.lax.optimization_barrier(x)
 
 

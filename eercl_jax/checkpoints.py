@@ -8,10 +8,12 @@ best one by the stage's selection rule. Each checkpoint has three items:
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -85,3 +87,97 @@ def restore_subtree(directory: str, abstract_subtree: dict, step: int | None = N
 
 def abstract_like(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: a workdir, its best/ or checkpoints/
+
+def resolve_run_dir(path: str, which: str = "best", what: str = "checkpoint") -> str:
+  """The checkpoint folder of `path`: a run's workdir (its best/ - the original's
+  best_model.pth - or, with which='latest' or when there is no best/, its checkpoints/), or a
+  checkpoint folder given directly. `what` names the setting in errors."""
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+  if not path:
+    raise ValueError(f"{what} is empty: name a run's workdir (or its best/ or checkpoints/ "
+                     "folder)")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what}={path!r} does not exist")
+  order = ("best", "checkpoints") if which == "best" else ("checkpoints",)
+  for sub in order:
+    if os.path.isdir(os.path.join(path, sub)):
+      return os.path.join(path, sub)
+  return path
+
+
+def restore_variables(directory: str, model, image_size: int, sharding,
+                      step: int | None = None) -> tuple[dict, int]:
+  """{'params', 'batch_stats'} of `model` from a checkpoint folder (its latest step unless
+  `step`), restored into the model's abstract shapes with `sharding`. Returns (variables, step)."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import eercl
+  latest, _ = read_meta(directory)
+  step = latest if step is None else step
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      eercl.variable_shapes(model, image_size))
+  try:
+    return restore_subtree(directory, abstract, step), step
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"could not restore params/batch_stats from {directory} step {step}: {e}") \
+        from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata: what a checkpoint records about its run, and the check on restoring it
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def run_meta(config, step: int, extra: dict | None = None) -> dict:
+  """The `meta` item: stage, step, the model's architecture, class names, the whole config."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import registry
+  meta = {"stage": config.stage, "step": int(step), "model": config_json(config.model),
+          "arch": registry.arch_of(config.model),
+          "class_names": list(config.data.class_names), "config": config_json(config)}
+  meta.update(extra or {})
+  return meta
+
+
+def check_model_meta(meta: dict, config, where: str) -> None:
+  """A checkpoint must match the config's classes and architecture (the fields the backbone's
+  registry entry names); the error lists every difference."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import registry
+  want = registry.arch_of(config.model)
+  have = meta.get("arch", {})
+  diffs = [f"model.{k}: checkpoint {have.get(k)!r} vs config {v!r}"
+           for k, v in want.items() if have.get(k) != v]
+  if list(meta.get("class_names", [])) != list(config.data.class_names):
+    diffs.append(f"data.class_names: checkpoint {meta.get('class_names')} vs config "
+                 f"{list(config.data.class_names)}")
+  if diffs:
+    raise ValueError(f"checkpoint {where} does not match the config:\n  " + "\n  ".join(diffs))
+
+
+def encode_data_state(state: Any) -> Any:
+  """grain iterator states may hold bytes; JSON needs text."""
+  if isinstance(state, bytes):
+    return {"__bytes__": state.hex()}
+  if isinstance(state, dict):
+    return {k: encode_data_state(v) for k, v in state.items()}
+  if isinstance(state, (list, tuple)):
+    return [encode_data_state(v) for v in state]
+  return state
+
+
+def decode_data_state(state: Any) -> Any:
+  if isinstance(state, dict):
+    if set(state) == {"__bytes__"}:
+      return bytes.fromhex(state["__bytes__"])
+    return {k: decode_data_state(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return [decode_data_state(v) for v in state]
+  return state

@@ -1,9 +1,10 @@
-"""Defaults shared by the files in `configs/`: every knob of both stages with a comment.
+"""Defaults shared by the files in `configs/`: every knob of both stages with a comment, and the
+one check of a whole config (`validate`) that both stages run at start-up.
 
-The numbers follow ../shared/docs/algorithm.md: the ViT-B recipe of its section 0/1.4 for the
-optimiser and the FER method settings of section 2.2 for adaptation. Config files in `configs/`
-call these builders and change a few fields, so a `--config.x.y=...` override of a misspelt key
-fails (the dicts are locked by `config_flags`).
+The numbers are the original's (docs/method.md; docs/config-keys.md maps its keys to ours): the
+ViT-B recipe for the optimiser and the FER method settings for adaptation. Config files in
+`configs/` call these builders and change only what their experiment changes; a
+`--config.x.y=...` override of a misspelt key fails (the dicts are locked by `config_flags`).
 """
 from __future__ import annotations
 
@@ -43,21 +44,24 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
 
 def _model(backbone: str = "vit") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "backbone": backbone,              # 'vit' | 'resnet50'
-      "vit_size": "B/16",                # named ViT size, e.g. Ti/16, S/16, B/16
+      "backbone": backbone,              # a backbone of models/registry.py: 'vit' | 'resnet'
+      # Named size: ViT 'B/16', 'S/16', 'Ti/16', ... ('mu/8' for tests); ResNet '50', '101',
+      # '152', '26' ('mu' for tests). None = the backbone's default (ViT B/16, ResNet 50).
+      "size": ml_collections.FieldReference(None, field_type=str),
       "num_classes": len(FER_CLASSES),
-      "bottleneck_dim": 1024,            # ViT head (algorithm.md 1.4)
+      "bottleneck_dim": 1024,            # ViT head (docs/method.md)
       "width": 1024,
       "feat_dim": 256,                   # the feature used by classifier, banks and clustering
       "dropout": 0.5,
       "dtype": "float32",                # compute dtype: 'bfloat16' on GPUs
+      "remat": False,                    # rematerialise backbone blocks: memory for compute
       # Local pretrained backbone for the source stage: a public JAX ViT .npz (AugReg), a timm
-      # ViT or torchvision ResNet-50 state dict (.pth/.bin/.safetensors). '' = random init.
+      # ViT or torchvision ResNet state dict (.pth/.bin/.safetensors). '' = random init.
       "init_from": "",
   })
 
 
-def _optim(lr: float, weight_decay: float, schedule: str, lr_mult: dict) -> ml_collections.ConfigDict:
+def _optim(lr: float, weight_decay: float, schedule: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "lr": lr,
       "momentum": 0.9,
@@ -66,12 +70,11 @@ def _optim(lr: float, weight_decay: float, schedule: str, lr_mult: dict) -> ml_c
       "schedule": schedule,              # 'inv': lr*(1+gamma*t)^-power | 'constant'
       "gamma": 0.001,
       "power": 0.75,
-      "lr_mult": lr_mult,                # per parameter group, relative to lr
+      # Multiplier of lr per parameter group; None = the backbone's own (models/registry.py:
+      # ViT 0.1 / 1 / 1 / 10 / 10, ResNet 1 / - / - / 10 / 10).
+      "lr_mult": {g: ml_collections.FieldReference(None, field_type=float)
+                  for g in ("backbone", "bottleneck", "mlp", "sfda", "classifier")},
   })
-
-
-VIT_LR_MULT = {"backbone": 0.1, "mlp": 1.0, "bottleneck": 1.0, "sfda": 10.0, "classifier": 10.0}
-RESNET_LR_MULT = {"backbone": 1.0, "mlp": 1.0, "bottleneck": 1.0, "sfda": 10.0, "classifier": 10.0}
 
 
 def source_config(source: str = "raf", target: str = "expw") -> ml_collections.ConfigDict:
@@ -85,7 +88,7 @@ def source_config(source: str = "raf", target: str = "expw") -> ml_collections.C
                   "source": fer_list("unlabeled_target", f"{source}_0")},
       select_by="source")                # the original's ClsBestAccuracyByVal: source test set
   c.model = _model("vit")
-  c.optim = _optim(lr=0.004, weight_decay=5e-4, schedule="inv", lr_mult=dict(VIT_LR_MULT))
+  c.optim = _optim(lr=0.004, weight_decay=5e-4, schedule="inv")
   c.label_smoothing = 0.1
   c.batch_size = 64                      # global images per step (original: 2 GPUs x 32)
   c.per_device_batch_size = 0            # > 0: batch_size = this x number of devices
@@ -100,7 +103,7 @@ def source_config(source: str = "raf", target: str = "expw") -> ml_collections.C
 
 
 def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
-  """Stage 2: source-free adaptation to the unlabelled target list (algorithm.md section 2).
+  """Stage 2: source-free adaptation to the unlabelled target list (docs/method.md).
 
   64 images per step (BN groups of 32, three views each), EMA teacher 0.99, frozen classifier,
   AaD k=4 (scaled 1/W, W=2), bank refresh + clustering every 50 steps, class-relation contrast
@@ -118,11 +121,11 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
                              "source": fer_list("unlabeled_target", f"{source}_0")},
                  select_by="target")     # oracle selection (uses target labels), as the original
   c.model = _model("vit")
-  c.optim = _optim(lr=4e-4, weight_decay=5e-4, schedule="constant", lr_mult=dict(VIT_LR_MULT))
+  c.optim = _optim(lr=4e-4, weight_decay=5e-4, schedule="constant")
   c.batch_size = 64                      # images per step; each comes in three views
   c.per_device_batch_size = 0            # > 0: batch_size = this x number of devices
   c.bn_group_size = 32                   # original per-GPU group: 32 images x 3 views
-  c.virtual_devices = 2                  # W of the original: AaD scaled by 1/W (algorithm.md Q3)
+  c.virtual_devices = 2                  # W of the original: AaD scaled by 1/W (docs/deviations.md)
   c.eval_batch_size = 128
   c.num_steps = 15000
   c.log_every = 100
@@ -131,25 +134,89 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 1
   c.adapt = ml_collections.ConfigDict({
-      "ema_decay": 0.99,
-      "fix_classifier": True,
-      "num_k": 4,                        # AaD neighbours
-      "lambda_aad": 1.0,
-      "beta": 0.0,                       # AaD dispersion decay exponent
-      "pseudo_update_interval": 50,      # full bank refresh + clustering every this many steps
-      "cluster_threshold": 0,
-      "prob_threshold": 0.95,
-      "lambda_fixmatch": 1.0,            # class-relation contrast weight
-      "fixmatch_temp": 0.07,
-      "use_cluster_label": True,
-      "bank_size": 512,                  # negative ring buffers
-      "lambda_nce": 1.0,
-      "nce_temp": 0.07,
-      "non_diag_alpha": 1.0,
-      "faithful_bank_init": False,       # True: randn banks + the original's dropped refresh rows
-      "zero_negative_banks": False,      # True: zeros instead of the original's randn negatives
+      "ema_decay": 0.99,                 # teacher <- decay*teacher + (1-decay)*online, each step
+      "fix_classifier": True,            # the classifier is frozen (no update, no decay)
+      "aad_weight": 1.0,                 # AaD neighbour consistency
+      "aad_neighbours": 4,               # k nearest rows of the AaD bank (self excluded)
+      "aad_decay_power": 0.0,            # dispersion weight (1 + 10*step/num_steps)^-power
+      "refresh_every": 50,               # full bank refresh + clustering every this many steps
       "refresh_view": "weak",            # 'weak' (original, random view) | 'test'
       "refresh_batch_size": 128,
+      "cluster_min_size": 0,             # classes with more members than this are cluster targets
+      "mask_threshold": 0.95,            # teacher confidence that admits a sample to the contrast
+      "class_contrast_weight": 1.0,      # relation-weighted contrast against cluster labels
+      "class_contrast_temp": 0.07,
+      "class_contrast_cluster_labels": True,   # False: the teacher's argmax as the label
+      "negative_bank_size": 512,         # rows of each negative ring buffer
+      "instance_nce_weight": 1.0,        # relation-weighted InfoNCE against the negative rings
+      "instance_nce_temp": 0.07,
+      "relation_off_diagonal": 1.0,      # scale of the off-diagonal class relations
+      "faithful_bank_init": False,       # True: randn banks + the original's dropped refresh rows
+      "zero_negative_banks": False,      # True: zeros instead of the original's randn negatives
       "shard_banks": False,              # shard the N-row banks by rows over all devices
   })
   return c
+
+
+# ----------------------------------------------------------------------------------------------
+# The one check of a config, at start-up, before any data is read
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}: {message}")
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+  """Checks every rule a run relies on; each error names the config key at fault."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax import optim
+  from eercl_jax.models import eercl, registry
+  _require(config.stage in ("source", "adapt"), "stage",
+           f"{config.stage!r}: expected 'source' or 'adapt'")
+  m = config.model
+  try:
+    entry = registry.get(m.backbone)
+  except ValueError as e:
+    raise ValueError(str(e)) from None
+  try:
+    entry.parse_size(registry.size_of(m))
+  except ValueError as e:
+    raise ValueError(f"config.model.size: {e}") from None
+  _require(m.dtype in eercl.DTYPES, "model.dtype",
+           f"{m.dtype!r}: expected one of {sorted(eercl.DTYPES)}")
+  _require(len(config.data.class_names) == m.num_classes, "data.class_names",
+           f"has {len(config.data.class_names)} names but config.model.num_classes is "
+           f"{m.num_classes}")
+  _require(config.data.select_by in config.data.eval_lists, "data.select_by",
+           f"{config.data.select_by!r} is not one of config.data.eval_lists "
+           f"{sorted(config.data.eval_lists)}")
+  registry.lr_mult(m, config.optim)    # unknown groups
+  optim.make_schedule(config.optim)    # unknown schedule
+
+  def batch(key: str, value: int) -> None:
+    _require(value > 0, key, f"{value} must be positive")
+    _require(value % num_devices == 0, key,
+             f"{value} is not divisible by the {num_devices} devices of the mesh")
+    _require(value % num_processes == 0, key,
+             f"{value} is not divisible by the {num_processes} processes")
+
+  batch("batch_size", config.batch_size)
+  batch("eval_batch_size", config.eval_batch_size)
+  _require(config.bn_group_size > 0 and config.batch_size % config.bn_group_size == 0,
+           "bn_group_size", f"{config.bn_group_size} does not divide config.batch_size="
+           f"{config.batch_size}")
+  for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _require(config[key] > 0, key, f"{config[key]} must be positive")
+  if config.stage == "adapt":
+    a = config.adapt
+    batch("adapt.refresh_batch_size", a.refresh_batch_size)
+    _require(config.batch_size % config.virtual_devices == 0, "virtual_devices",
+             f"{config.virtual_devices} does not divide config.batch_size={config.batch_size}")
+    _require(a.refresh_every > 0, "adapt.refresh_every", f"{a.refresh_every} must be positive")
+    _require(a.refresh_view in ("weak", "test"), "adapt.refresh_view",
+             f"{a.refresh_view!r}: expected 'weak' or 'test'")
+    _require(a.aad_neighbours > 0, "adapt.aad_neighbours",
+             f"{a.aad_neighbours} must be positive")
+    _require(a.negative_bank_size > 0, "adapt.negative_bank_size",
+             f"{a.negative_bank_size} must be positive")
+    _require(0.0 <= a.ema_decay <= 1.0, "adapt.ema_decay", f"{a.ema_decay} outside [0, 1]")

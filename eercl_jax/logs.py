@@ -8,8 +8,8 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
-from clu import metric_writers
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -44,7 +44,12 @@ def setup_file_log(workdir: str) -> str:
   return path
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str):
+  """clu's default writer (TensorBoard on process 0, log lines elsewhere)."""
+  # Imported here: clu's writer pulls in TensorFlow, which only a training run needs (tools and
+  # tests that import this package stay light; importing TensorFlow before PyTorch crashes some
+  # PyTorch builds).
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   return metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
       asynchronous=False)
@@ -64,3 +69,25 @@ class Progress:
     self.last_step, self.last_time = step, now
     eta = datetime.timedelta(seconds=int((self.total - step) / max(rate, 1e-9)))
     return rate, str(eta)
+
+
+class MeanMetrics:
+  """Running sums of per-step device metrics, fetched to the host only when logged."""
+
+  def __init__(self):
+    self.sums, self.count = {}, 0
+
+  def add(self, metrics: dict) -> None:
+    self.sums = {k: self.sums.get(k, 0.0) + v for k, v in metrics.items()}
+    self.count += 1
+
+  def pop(self) -> tuple[dict[str, float], dict[str, float]]:
+    """(means, sums) since the last pop."""
+    sums = to_host_scalars(self.sums)
+    means = {k: v / max(self.count, 1) for k, v in sums.items()}
+    self.sums, self.count = {}, 0
+    return means, sums
+
+
+def to_host_scalars(metrics: dict) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}

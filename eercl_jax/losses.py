@@ -1,4 +1,4 @@
-"""Losses and label maths of the adaptation stage (algorithm.md 2.6-2.10, 1.5).
+"""Losses and label maths of the adaptation stage (docs/method.md, "Adaptation").
 
 Pure functions, jnp in and out, no state. Every function is jittable with static shapes.
 Small matmuls use HIGHEST precision: they cost nothing at C = 7, and the default GPU precision
@@ -29,19 +29,20 @@ def l2_normalize(x, eps: float = 1e-12, axis: int = -1):
 # ------------------------------------------------------------------------------------------------
 # class relation (2.7)
 
-def relation_matrix(class_directions, non_diag_alpha: float = 1.0):
+def relation_matrix(class_directions, off_diagonal: float = 1.0):
   """(C, D) weight-norm directions v -> S (C, C): 1 on the diagonal, alpha*cos(v_i, v_j) off it."""
   v = l2_normalize(class_directions)
   r = _mm(v, v.T)
   eye = jnp.eye(r.shape[0], dtype=bool)
   # The diagonal is set to exactly 1 (not the rounded cos(v_i, v_i)), as the original's I + (1-I)*R.
-  return jnp.where(eye, jnp.ones_like(r), non_diag_alpha * r)
+  return jnp.where(eye, jnp.ones_like(r), off_diagonal * r)
 
 
 def relation_similarity(p, q, relation):
   """sim_S(p_i, q_j) = p_i^T S q_j for all pairs: (B1,C),(B2,C),(C,C) -> (B1,B2).
 
-  Two small matmuls instead of the original's B1 x B2 x C x C tensor (perf-notes).
+  Two small matmuls instead of the original's B1 x B2 x C x C tensor
+  (docs/toolchain.md#relation-similarity-as-two-small-matmuls).
   """
   return _mm(_mm(p, relation), q.T)
 
@@ -77,7 +78,7 @@ def _cross_entropy_int(logits, labels):
   return logz - picked
 
 
-def class_relation_contrast(probs, labels, mask, relation, temperature):
+def class_contrast(probs, labels, mask, relation, temperature):
   """Class-contrastive loss: logits_c = (S p)_c / T, CE to the cluster label, masked mean over B.
 
   Masked-out rows count as zeros in the mean (the original's mean of mask * CE).
@@ -89,7 +90,7 @@ def class_relation_contrast(probs, labels, mask, relation, temperature):
   return jnp.mean(mask * _cross_entropy_int(logits, labels))
 
 
-def instance_relation_nce(query, key, negatives, relation, temperature):
+def instance_nce(query, key, negatives, relation, temperature):
   """Relation-weighted InfoNCE: 0.5 * mean_i CE([pos_i, neg_i.] / T, 0).
 
   pos_i = 0.5 q_i^T S k_i, neg_ij = 0.5 q_i^T S m_j; key and negatives are constants.

@@ -1,17 +1,19 @@
 """Stage 2: source-free adaptation of the source model to an unlabelled target list (EERCL).
 
-Per step (algorithm.md 2.4): EMA update of the teacher, teacher and online forwards on the three
-views with grouped batch norm, AaD neighbour consistency over the teacher feature bank, a
-relation-weighted contrast of the strong views against cluster labels, and a relation-weighted
-InfoNCE against the negative ring buffers. Every `pseudo_update_interval` steps the online feature
-and score banks are refreshed by a full pass over the target list and re-clustered into class
-prototypes; the training stream then starts a new shuffled epoch (the original's Q2 behaviour).
+Per step (docs/method.md, "Adaptation"): EMA update of the teacher, teacher and online forwards
+on the three views with grouped batch norm, AaD neighbour consistency over the teacher feature
+bank, a relation-weighted contrast of the strong views against cluster labels, and a
+relation-weighted InfoNCE against the negative ring buffers. Every `adapt.refresh_every` steps
+the online feature and score banks are refreshed by a full pass over the target list and
+re-clustered into class prototypes; the training stream then starts a new shuffled epoch, as the
+original's data loader does (docs/deviations.md). The loop runs on the shared run skeleton
+(`run.py`); this module holds only the stage's own logic.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -21,9 +23,10 @@ import optax
 from absl import logging
 
 from eercl_jax import banks as bank_lib
-from eercl_jax import checkpoints, logs, losses, optim, parallel, train_lib
-from eercl_jax.data import pipelines
-from eercl_jax.models import eercl
+from eercl_jax import checkpoints, losses, optim, parallel
+from eercl_jax.data import lists, pipelines
+from eercl_jax.models import eercl, layers
+from eercl_jax.run import Run
 
 
 @flax.struct.dataclass
@@ -61,7 +64,7 @@ def _ungroup_views(y, groups: int):
 
 def _teacher_forward(model, params, batch_stats, x, groups, perm_rng, dropout_rng):
   """Shuffle-BN: a shared random permutation of the whole teacher input before grouping, inverted
-  after (algorithm.md 0, Q4)."""
+  after (docs/deviations.md, "Shuffle-BN as one shared permutation")."""
   perm = jax.random.permutation(perm_rng, x.shape[0])
   (feat, logits), new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, x[perm], train=True, bn_groups=groups,
@@ -78,8 +81,8 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
   """One EERCL step. With `config.adapt.shard_banks` the N-row banks are sharded by rows over
   `mesh` (padded to a multiple of the device count; `num_images` rows are real)."""
   a = config.adapt
-  groups = train_lib.bn_groups(batch["index"].shape[0], config.bn_group_size)
-  views = [train_lib.normalize(batch[k], config) for k in ("strong1", "strong2", "weak")]
+  groups = layers.num_groups(batch["index"].shape[0], config.bn_group_size)
+  views = [pipelines.normalize(batch[k], config.data) for k in ("strong1", "strong2", "weak")]
   x = _group_views(views, groups)
   rng = jax.random.fold_in(state.rng, state.step)
   perm_rng, teacher_drop, online_drop = jax.random.split(rng, 3)
@@ -98,10 +101,11 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
   banks = bank_lib.update_aad_banks(state.banks, batch["index"], t_feat_w, q_w)
   if a.shard_banks:
     neighbours = bank_lib.sharded_aad_neighbour_probs(
-        t_feat_w, banks.aad_feat, banks.aad_score, a.num_k, mesh, num_valid=num_images)
+        t_feat_w, banks.aad_feat, banks.aad_score, a.aad_neighbours, mesh, num_valid=num_images)
   else:
-    neighbours = bank_lib.aad_neighbour_probs(t_feat_w, banks.aad_feat, banks.aad_score, a.num_k)
-  mask = losses.confidence_mask(q_w, a.prob_threshold)
+    neighbours = bank_lib.aad_neighbour_probs(t_feat_w, banks.aad_feat, banks.aad_score,
+                                              a.aad_neighbours)
+  mask = losses.confidence_mask(q_w, a.mask_threshold)
   relation = banks.relation
 
   def loss_fn(params):
@@ -111,21 +115,21 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
     p_s1, p_s2, p_w = jax.nn.softmax(_ungroup_views(logits, groups), axis=-1)
     f_w = jax.lax.stop_gradient(_ungroup_views(feat, groups)[2])
     attract, disperse = losses.aad_loss(p_w, neighbours)
-    decay = (1.0 + 10.0 * state.step / config.num_steps) ** (-a.beta)
+    decay = (1.0 + 10.0 * state.step / config.num_steps) ** (-a.aad_decay_power)
     # The original computes AaD on the gathered batch but DDP averages the gradient over its W
-    # GPUs: the effective loss is 1/W of the global one (algorithm.md Q3).
-    aad = a.lambda_aad * (attract + decay * disperse) / config.virtual_devices
-    if a.use_cluster_label:
+    # GPUs: the effective loss is 1/W of the global one (docs/deviations.md, "AaD scaled by 1/W").
+    aad = a.aad_weight * (attract + decay * disperse) / config.virtual_devices
+    if a.class_contrast_cluster_labels:
       labels = losses.batch_cluster_labels(f_w, banks.prototypes)
     else:
       labels = jnp.argmax(q_w, -1)
-    contrast = 0.5 * (
-        losses.class_relation_contrast(p_s1, labels, mask, relation, a.fixmatch_temp)
-        + losses.class_relation_contrast(p_s2, labels, mask, relation, a.fixmatch_temp))
-    nce = (losses.instance_relation_nce(p_s1, q_w, banks.neg_weak, relation, a.nce_temp)
-           + losses.instance_relation_nce(p_w, q_s1, banks.neg_strong, relation, a.nce_temp)
-           + losses.instance_relation_nce(p_s1, q_s2, banks.neg_strong, relation, a.nce_temp)) / 3
-    total = aad + a.lambda_fixmatch * contrast + a.lambda_nce * nce
+    t_cc, t_nce = a.class_contrast_temp, a.instance_nce_temp
+    contrast = 0.5 * (losses.class_contrast(p_s1, labels, mask, relation, t_cc)
+                      + losses.class_contrast(p_s2, labels, mask, relation, t_cc))
+    nce = (losses.instance_nce(p_s1, q_w, banks.neg_weak, relation, t_nce)
+           + losses.instance_nce(p_w, q_s1, banks.neg_strong, relation, t_nce)
+           + losses.instance_nce(p_s1, q_s2, banks.neg_strong, relation, t_nce)) / 3
+    total = aad + a.class_contrast_weight * contrast + a.instance_nce_weight * nce
     aux = {"batch_stats": new_vars["batch_stats"], "labels": labels, "attract": attract,
            "disperse": disperse, "contrast": contrast, "nce": nce}
     return total, aux
@@ -139,8 +143,9 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
   true = batch["label"]  # monitoring only: never reaches a loss
   maskf = mask.astype(jnp.float32)
   metrics = {
-      "train/loss": total, "train/aad_pos": aux["attract"], "train/aad_neg": aux["disperse"],
-      "train/class_contrast": aux["contrast"], "train/info_nce": aux["nce"],
+      "train/loss": total, "train/aad_attract": aux["attract"],
+      "train/aad_disperse": aux["disperse"],
+      "train/class_contrast": aux["contrast"], "train/instance_nce": aux["nce"],
       "train/mask": jnp.mean(maskf), "train/mean_max_prob": jnp.mean(jnp.max(q_w, -1)),
       "count/mask": jnp.sum(maskf),
       "count/mask_correct": jnp.sum(maskf * (jnp.argmax(q_w, -1) == true)),
@@ -178,7 +183,7 @@ def _make_embed(model, config):
   @jax.jit
   def embed(params, batch_stats, images):
     feat, logits = model.apply({"params": params, "batch_stats": batch_stats},
-                               train_lib.normalize(images, config), train=False)
+                               pipelines.normalize(images, config.data), train=False)
     return losses.l2_normalize(feat), jax.nn.softmax(logits, -1)
   return embed
 
@@ -204,9 +209,9 @@ def _cluster(banks: bank_lib.Banks, threshold: int, num_images: int):
   labels, prototypes = losses.cluster_prototypes(banks.feat, banks.score, threshold=threshold,
                                                  valid=valid)
   mean = lambda hits: jnp.sum(jnp.where(valid, hits, False)) / num_images
-  orig_acc = mean(jnp.argmax(banks.score, -1) == banks.label)
+  argmax_acc = mean(jnp.argmax(banks.score, -1) == banks.label)
   acc = mean(labels == banks.label)
-  return banks.replace(prototypes=prototypes), orig_acc, acc
+  return banks.replace(prototypes=prototypes), argmax_acc, acc
 
 
 def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, config, mesh,
@@ -218,7 +223,7 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
   if a.faithful_bank_init:
     keep = _faithful_refresh_rows(len(target_list), config, refresh_index)
   batches = pipelines.eval_batches(
-      target_list, view=a.refresh_view, view_cfg=train_lib.view_config(config),
+      target_list, view=a.refresh_view, view_cfg=pipelines.view_config(config.data),
       batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers)
@@ -232,15 +237,16 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
                        if with_teacher else (feat, score))
     banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
                            t_score, with_teacher)
-  banks, orig_acc, acc = _cluster(banks, a.cluster_threshold, len(target_list))
+  banks, argmax_acc, acc = _cluster(banks, a.cluster_min_size, len(target_list))
   banks = jax.device_put(banks, state_shardings(state, mesh, a.shard_banks).banks)
-  stats = {"refresh/orig_acc": float(orig_acc), "refresh/cluster_acc": float(acc)}
+  stats = {"refresh/argmax_acc": float(argmax_acc), "refresh/cluster_acc": float(acc)}
   return state.replace(banks=banks), stats
 
 
 def _faithful_refresh_rows(n: int, config, refresh_index: int) -> np.ndarray:
-  """The original's drop_last refresh coverage (Q1): each of W virtual devices walks its share
-  of a shuffled list in batches of B and drops its final partial batch."""
+  """The original's drop_last refresh coverage (docs/deviations.md, "Bank refresh coverage"):
+  each of W virtual devices walks its share of a shuffled list in batches of B and drops its
+  final partial batch."""
   w, b = config.virtual_devices, config.batch_size // config.virtual_devices
   per = -(-n // w)
   written = w * b * (per // b)
@@ -253,34 +259,15 @@ def _faithful_refresh_rows(n: int, config, refresh_index: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Source checkpoint -> initial state
 
-def resolve_source_checkpoint(path: str) -> str:
-  """A source run's workdir (its best/ checkpoint, the original's best_model.pth, is used), or
-  a checkpoint folder (best/ or checkpoints/) given directly."""
-  if not path:
-    raise ValueError("config.source_checkpoint is empty: name the source run's workdir "
-                     "(or its best/ or checkpoints/ folder)")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.source_checkpoint={path!r} does not exist")
-  for sub in ("best", "checkpoints"):
-    if os.path.isdir(os.path.join(path, sub)):
-      return os.path.join(path, sub)
-  return path
-
-
 def load_source_variables(config, model, mesh) -> tuple[dict, int]:
-  directory = resolve_source_checkpoint(config.source_checkpoint)
-  step, meta = checkpoints.read_meta(directory)
-  train_lib.check_model_meta(meta, config, directory)
-  shapes = jax.eval_shape(lambda: eercl.init_variables(model, jax.random.PRNGKey(0),
-                                                       config.data.crop))
-  rep = parallel.replicated(mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), dict(shapes))
-  try:
-    variables = checkpoints.restore_subtree(directory, abstract, step)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"could not restore params/batch_stats from {directory} step {step}: {e}") \
-        from e
+  """{'params', 'batch_stats'} of the source run named by `config.source_checkpoint` (its
+  best/ checkpoint, the original's best_model.pth), checked against the config."""
+  directory = checkpoints.resolve_run_dir(config.source_checkpoint, "best",
+                                          what="config.source_checkpoint")
+  _, meta = checkpoints.read_meta(directory)
+  checkpoints.check_model_meta(meta, config, directory)
+  variables, step = checkpoints.restore_variables(directory, model, config.data.crop,
+                                                  parallel.replicated(mesh))
   logging.info("loaded source model from %s (step %d)", directory, step)
   return variables, step
 
@@ -291,16 +278,18 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
   params, batch_stats = variables["params"], variables["batch_stats"]
   g = params["classifier"]["g"]
   if bool(jnp.any(g <= 0)):
-    # The relation matrix uses the direction v; it equals the effective weight only if g > 0.
-    logging.warning("classifier g has non-positive entries: relation matrix uses v (Q7)")
+    # The relation matrix uses the direction v, as the original; it equals the effective weight
+    # g * v / |v| only if every g > 0 (docs/deviations.md, "Relation matrix from v").
+    logging.warning("classifier g has non-positive entries: the relation matrix uses the "
+                    "directions v, which then differ from the effective class weights")
   rows = bank_lib.pad_rows(num_images, mesh.devices.size) if a.shard_banks else num_images
   banks = bank_lib.init_banks(bank_rng, rows, config.model.feat_dim,
-                              config.model.num_classes, neg_size=a.bank_size,
+                              config.model.num_classes, neg_size=a.negative_bank_size,
                               faithful_init=a.faithful_bank_init,
                               zero_negatives=a.zero_negative_banks)
-  # Computed once from the frozen classifier (algorithm.md 2.7).
+  # Computed once from the frozen classifier (docs/method.md, "Adaptation: relation matrix").
   banks = banks.replace(relation=losses.relation_matrix(eercl.class_directions(params),
-                                                        a.non_diag_alpha))
+                                                        a.relation_off_diagonal))
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # distinct buffers: the step donates
   state = AdaptState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      teacher_params=copy(params), teacher_batch_stats=copy(batch_stats),
@@ -311,134 +300,76 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+@dataclasses.dataclass
+class AdaptRecord:
+  """What the adaptation loop remembers across a resume (saved in the checkpoint metadata)."""
+  source_only: Optional[dict] = None   # accuracies of the source model, before step 1
+  stream: int = 0                      # index of the shuffled training stream (one per refresh)
+
+
 def _stream_seed(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _count_ratio(num, den):
-  return float(num / den) if den > 0 else float("nan")
+ADAPT_LOG_KEYS = (("train/loss", "loss", ".4f"), ("train/aad_attract", "aad_attract", ".4f"),
+                  ("train/aad_disperse", "aad_disperse", ".4f"),
+                  ("train/class_contrast", "class_contrast", ".4f"),
+                  ("train/instance_nce", "instance_nce", ".4f"), ("train/mask", "mask", ".3f"),
+                  ("train/mask_acc", "mask_acc", ".3f"),
+                  ("train/cluster_mask_acc", "cluster_mask_acc", ".3f"),
+                  ("train/mean_max_prob", "mean_max_prob", ".3f"))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Adapts the source model; resumes from the latest checkpoint in `workdir`."""
-  writer, mesh = train_lib.start_run(config, workdir)
-  parallel.check_global_batch(config.adapt.refresh_batch_size, mesh, "adapt.refresh_batch_size")
-  if config.batch_size % config.virtual_devices:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.virtual_devices={config.virtual_devices}")
-  target_list, evals = train_lib.load_lists(config)
-
+  run = Run(config, workdir, "adapt", log_keys=ADAPT_LOG_KEYS,
+            ratios={"train/mask_acc": ("count/mask_correct", "count/mask"),
+                    "train/cluster_mask_acc": ("count/cluster_mask_correct", "count/mask")},
+            selection_note="oracle selection: uses target labels")
+  target_list, evals = lists.read_run_lists(config.data)
   model = eercl.create_model(config.model)
-  frozen = ("classifier",) if config.adapt.fix_classifier else ()
-  tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=frozen)
-  predict = train_lib.make_predict(model, config, mesh)
+  tx = optim.for_model(config, frozen=("classifier",) if config.adapt.fix_classifier else ())
+  run.set_evaluation(model, evals)
   embed = _make_embed(model, config)
-  ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  variables, _ = load_source_variables(config, model, run.mesh)
+  state = create_state(config, model, tx, variables, len(target_list), run.mesh)
+  state, record, iterator_state = run.resume(state, AdaptRecord())
 
-  variables, _ = load_source_variables(config, model, mesh)
-  state = create_state(config, model, tx, variables, len(target_list), mesh)
-  extra = {"best": {"value": -1.0, "step": -1}, "source_only": None, "stream": 0}
-  data_state = None
-  restored = ckpt.restore_latest(checkpoints.abstract_like(state))
-  if restored is not None:
-    state, data_state, meta = restored
-    train_lib.check_model_meta(meta, config, ckpt.latest.directory)
-    extra = {k: meta.get(k, v) for k, v in extra.items()}
-    logging.info("resumed adaptation from %s at step %d", ckpt.latest.directory, int(state.step))
-  start = int(state.step)
-  best = extra["best"]
+  if record.source_only is None and config.eval_at_start:
+    # The source model on the same evaluation, for the side-by-side summary (step 0).
+    results = run.evaluate(0, {"params": state.params, "batch_stats": state.batch_stats},
+                           save_confusions=False)
+    record.source_only = {k: r["accuracy"] for k, r in results.items()}
 
-  if extra["source_only"] is None and config.eval_at_start:
-    # The source model on the same evaluation, for the side-by-side summary.
-    res = train_lib.evaluate_all(predict, {"params": state.params,
-                                           "batch_stats": state.batch_stats}, evals, config, mesh)
-    extra["source_only"] = {k: r["accuracy"] for k, r in res.items()}
-    writer.write_scalars(0, train_lib.eval_scalars(res))
-
-  stream = extra["stream"]
-
-  def new_iterator(stream_index, iterator_state=None):
-    ds = pipelines.train_dataset(
-        target_list, views=("weak", "strong", "strong"), view_cfg=train_lib.view_config(config),
-        global_batch=config.batch_size, seed=_stream_seed(config.seed, stream_index),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=config.data.num_workers)
-    it = iter(ds)
+  def new_iterator(stream: int, iterator_state=None):
+    it = iter(pipelines.train_dataset(
+        target_list, views=("weak", "strong", "strong"),
+        view_cfg=pipelines.view_config(config.data), global_batch=config.batch_size,
+        seed=_stream_seed(config.seed, stream), process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers))
     if iterator_state is not None:
-      it.set_state(train_lib.decode_data_state(iterator_state))
+      it.set_state(iterator_state)
     return it
 
-  it = new_iterator(stream, data_state["iterator"] if data_state else None)
-  p_step = compile_adapt_step(config, model, tx, mesh, state, len(target_list))
-  progress = logs.Progress(start, config.num_steps)
-  interval = config.adapt.pseudo_update_interval
+  it = new_iterator(record.stream, iterator_state)
+  p_step = compile_adapt_step(config, model, tx, run.mesh, state, len(target_list))
+  every = config.adapt.refresh_every
   logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",
-               len(target_list), config.num_steps, config.batch_size, mesh.devices.size)
-  results, running = {}, train_lib.MeanMetrics()
-  for step in range(start, config.num_steps):
+               len(target_list), config.num_steps, config.batch_size, run.mesh.devices.size)
+  for step in run.steps():
     host_batch = next(it)  # fetched before the refresh, as the original
-    if step % interval == 0:
-      state, stats = refresh_banks(state, target_list, step // interval, embed=embed,
-                                   config=config, mesh=mesh, with_teacher=step == 0)
-      writer.write_scalars(step, stats)
+    it_index = step - 1    # the original's iteration index
+    if it_index % every == 0:
+      state, stats = refresh_banks(state, target_list, it_index // every, embed=embed,
+                                   config=config, mesh=run.mesh, with_teacher=it_index == 0)
+      run.writer.write_scalars(it_index, stats)
       logging.info("step %d bank refresh: argmax acc %.4f, cluster acc %.4f (monitoring only)",
-                   step, stats["refresh/orig_acc"], stats["refresh/cluster_acc"])
-      stream += 1  # the refresh ends the epoch: the next batch starts a new shuffled stream
-      it = new_iterator(stream)
-    state, metrics = p_step(state, parallel.shard_batch(host_batch, mesh))
-    running.add(metrics)
-    done = step + 1
-    if done % config.log_every == 0 or done == config.num_steps:
-      means, host = running.pop()
-      scalars = {k: v for k, v in means.items() if k.startswith("train/")}
-      scalars["train/mask_acc"] = _count_ratio(host["count/mask_correct"], host["count/mask"])
-      scalars["train/cluster_mask_acc"] = _count_ratio(host["count/cluster_mask_correct"],
-                                                       host["count/mask"])
-      rate, eta = progress.tick(done)
-      scalars["train/steps_per_sec"] = rate
-      scalars["train/lr"] = float(optim.make_schedule(config.optim)(done - 1)
-                                  * config.optim.lr_mult["backbone"])
-      writer.write_scalars(done, scalars)
-      logging.info("step %d/%d loss=%.4f aad_pos=%.4f aad_neg=%.4f contrast=%.4f info_nce=%.4f "
-                   "mask=%.3f mask_acc=%.3f cluster_mask_acc=%.3f mean_max_prob=%.3f "
-                   "%.2f steps/s ETA %s", done, config.num_steps, scalars["train/loss"],
-                   scalars["train/aad_pos"], scalars["train/aad_neg"],
-                   scalars["train/class_contrast"], scalars["train/info_nce"],
-                   scalars["train/mask"], scalars["train/mask_acc"],
-                   scalars["train/cluster_mask_acc"], scalars["train/mean_max_prob"], rate, eta)
-    last = done == config.num_steps
-    extra["stream"] = stream
-    if done % config.eval_every == 0 or last:
-      results = train_lib.evaluate_all(predict, {"params": state.params,
-                                                 "batch_stats": state.batch_stats},
-                                       evals, config, mesh)
-      writer.write_scalars(done, train_lib.eval_scalars(results))
-      train_lib.save_confusions(workdir, done, results)
-      value = results[config.data.select_by]["accuracy"]
-      if value >= best["value"]:
-        best = {"value": value, "step": done}
-        extra["best"] = best
-        ckpt.save(done, state, {"iterator": None},
-                  train_lib.run_meta(config, done, dict(extra, selection="oracle (target labels)")),
-                  best=True)
-      logging.info("step %d: %s accuracy %.4f; best so far %.4f at step %d "
-                   "(oracle selection: uses target labels)", done, config.data.select_by, value,
-                   best["value"], best["step"])
-    if done % config.checkpoint_every == 0 or last:
-      ckpt.save(done, state, {"iterator": train_lib.encode_data_state(it.get_state())},
-                train_lib.run_meta(config, done, extra))
-  writer.flush()
-  ckpt.close()
-  if not results:
-    results = train_lib.evaluate_all(predict, {"params": state.params,
-                                               "batch_stats": state.batch_stats},
-                                     evals, config, mesh)
-  final = {k: r["accuracy"] for k, r in results.items()}
-  src = extra["source_only"] or {}
-  rows = [f"{k}: source-only {src.get(k, float('nan')) * 100:.2f}% -> adapted "
-          f"{final[k] * 100:.2f}%" for k in final]
-  summary = ("; ".join(rows) + f"; best {config.data.select_by} {best['value'] * 100:.2f}% at "
-             f"step {best['step']} (oracle selection)")
-  logging.info("final (step %d): %s", config.num_steps, summary)
-  print(f"[adapt] final: {summary}", flush=True)
-  return {"final": final, "source_only": src, "best": best, "results": results}
+                   it_index, stats["refresh/argmax_acc"], stats["refresh/cluster_acc"])
+      # The refresh ends the epoch: the next batch starts a new shuffled stream.
+      record.stream += 1
+      it = new_iterator(record.stream)
+    state, metrics = p_step(state, parallel.shard_batch(host_batch, run.mesh))
+    run.end_of_step(step, state, metrics, it, record)
+  out = run.finish(state, source_only=record.source_only or {})
+  out["source_only"] = record.source_only or {}
+  return out

@@ -47,7 +47,7 @@ def test_scatter_rows_and_update_aad_banks():
 
 
 def _ring_reference(bank, ptr, values):
-  """The original's update, line by line (algorithm.md 2.11)."""
+  """The original's update, line by line (docs/method.md#adaptation-negative-rings)."""
   bank = bank.copy()
   m, b = bank.shape[0], values.shape[0]
   start = ptr

@@ -1,10 +1,14 @@
-"""Every shipped config loads, and the paper configs carry the numbers of algorithm.md."""
+"""Every shipped config loads and validates, and the paper configs carry the original's numbers
+(docs/config-keys.md)."""
 import glob
+import re
 import importlib.util
 import os
 
 import pytest
 
+from eercl_jax import config_defaults
+from eercl_jax.models import registry
 from tests.conftest import REPO
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -25,16 +29,18 @@ def test_config_loads(path):
   assert len(c.data.class_names) == c.model.num_classes == 7
   assert c.data.select_by in c.data.eval_lists
   assert c.batch_size % c.bn_group_size == 0
+  config_defaults.validate(c, num_devices=1)
 
 
 def test_source_raf_is_the_vit_b_recipe():
   c = _load(os.path.join(REPO, "configs", "source_raf.py"))
-  assert (c.model.backbone, c.model.vit_size, c.data.crop, c.data.resize) == ("vit", "B/16", 224, 256)
+  assert (c.model.backbone, registry.size_of(c.model), c.data.crop, c.data.resize) == \
+      ("vit", "B/16", 224, 256)
   o = c.optim
   assert (o.lr, o.weight_decay, o.momentum, o.nesterov, o.schedule, o.gamma, o.power) == \
       (0.004, 5e-4, 0.9, True, "inv", 0.001, 0.75)
-  assert dict(o.lr_mult) == {"backbone": 0.1, "mlp": 1.0, "bottleneck": 1.0, "sfda": 10.0,
-                             "classifier": 10.0}
+  assert registry.lr_mult(c.model, o) == {"backbone": 0.1, "mlp": 1.0, "bottleneck": 1.0,
+                                         "sfda": 10.0, "classifier": 10.0}
   assert (c.batch_size, c.bn_group_size, c.num_steps, c.label_smoothing) == (64, 32, 2000, 0.1)
   assert c.data.select_by == "source"
   assert c.data.train_list == "data/txt/fer/labeled_source_images_raf.txt"
@@ -49,10 +55,61 @@ def test_adapt_configs_carry_the_fer_settings(target):
   assert c.data.train_list == c.data.eval_lists.target == \
       f"data/txt/fer/unlabeled_target_images_{target}_0.txt"
   assert (c.batch_size, c.bn_group_size, c.virtual_devices) == (64, 32, 2)
-  assert (a.ema_decay, a.fix_classifier, a.num_k, a.pseudo_update_interval) == (0.99, True, 4, 50)
-  assert (a.prob_threshold, a.fixmatch_temp, a.use_cluster_label) == (0.95, 0.07, True)
-  assert (a.bank_size, a.lambda_nce, a.nce_temp, a.lambda_fixmatch, a.lambda_aad) == \
-      (512, 1.0, 0.07, 1.0, 1.0)
+  assert (a.ema_decay, a.fix_classifier, a.aad_neighbours, a.refresh_every) == (0.99, True, 4, 50)
+  assert (a.mask_threshold, a.class_contrast_temp, a.class_contrast_cluster_labels) == \
+      (0.95, 0.07, True)
+  assert (a.negative_bank_size, a.instance_nce_weight, a.instance_nce_temp,
+          a.class_contrast_weight, a.aad_weight, a.aad_decay_power, a.cluster_min_size,
+          a.relation_off_diagonal) == (512, 1.0, 0.07, 1.0, 1.0, 0.0, 0, 1.0)
   assert (c.num_steps, c.eval_every, c.optim.lr, c.optim.weight_decay, c.optim.schedule) == \
       (15000, 300, 4e-4, 5e-4, "constant")
   assert c.data.select_by == "target" and c.seed == 2023
+
+
+def test_resnet_configs_are_the_original_fer_recipe():
+  src = _load(os.path.join(REPO, "configs", "source_raf_r50.py"))
+  assert (src.model.backbone, registry.size_of(src.model)) == ("resnet", "50")
+  o = src.optim
+  assert (o.lr, o.weight_decay, o.schedule, o.gamma, o.power) == (1e-3, 0.01, "inv", 0.005, 0.75)
+  assert registry.lr_mult(src.model, o) == {"backbone": 1.0, "bottleneck": 1.0, "mlp": 1.0,
+                                            "sfda": 10.0, "classifier": 10.0}
+  assert (src.batch_size, src.bn_group_size, src.num_steps, src.eval_every,
+          src.checkpoint_every, src.keep_checkpoints) == (128, 128, 20000, 500, 1000, 4)
+  ada = _load(os.path.join(REPO, "configs", "adapt_ck_r50.py"))
+  assert (ada.optim.lr, ada.optim.weight_decay, ada.optim.schedule) == (1e-4, 1e-3, "constant")
+  assert (ada.batch_size, ada.bn_group_size, ada.virtual_devices, ada.num_steps, ada.eval_every,
+          ada.checkpoint_every, ada.keep_checkpoints, ada.seed) == \
+      (64, 32, 2, 15000, 300, 500, 1, 2023)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("bn_group_size", 24, "config.bn_group_size: 24 does not divide config.batch_size=64"),
+    ("batch_size", 60, "config.batch_size: 60 is not divisible by the 8 devices"),
+    ("eval_batch_size", 100, "config.eval_batch_size: 100 is not divisible by the 8 devices"),
+    ("virtual_devices", 3, "config.virtual_devices: 3 does not divide"),
+    ("adapt.refresh_batch_size", 12, "config.adapt.refresh_batch_size: 12 is not divisible"),
+    ("adapt.refresh_view", "strong", "config.adapt.refresh_view"),
+    ("model.backbone", "vgg", "config.model.backbone='vgg': unknown backbone"),
+    ("model.size", "Z/16", "config.model.size: unknown ViT size 'Z/16'"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("data.select_by", "nope", "config.data.select_by"),
+    ("optim.schedule", "cosine", "config.optim.schedule"),
+])
+def test_validation_names_the_key(key, value, message):
+  c = _load(os.path.join(REPO, "configs", "adapt_ck.py"))
+  node, leaf = c, key
+  while "." in leaf:
+    head, leaf = leaf.split(".", 1)
+    node = node[head]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_defaults.validate(c, num_devices=8)
+
+
+def test_resnet_size_and_remat_are_config_fields():
+  c = _load(os.path.join(REPO, "configs", "demo_source.py"))
+  c.model.backbone, c.model.size, c.model.remat = "resnet", "mu", True
+  config_defaults.validate(c, num_devices=1)
+  from eercl_jax.models import eercl  # pylint: disable=import-outside-toplevel
+  model = eercl.create_model(c.model)
+  assert (model.backbone, model.size, model.remat) == ("resnet", "mu", True)

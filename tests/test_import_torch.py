@@ -4,8 +4,9 @@ The torch modules below rebuild the original's networks with its attribute names
 state-dict keys (CRCo/models/sfda_models.py: SFDAResNetBase, SFDAClassifier; CRCo/models/
 ViTSFDA.py: vit_sfda_basenet on SSRT's timm-compatible ViT; basic_mix_contrastive_model.py: the
 online_/target_ network and classifier pairs; DistributedDataParallel adds 'module.'). Random
-weights, no download. The converted checkpoint is restored through stage 2's own
-`train_adapt.load_source_variables` and must give the same eval-mode features and logits.
+weights, no download. The converted checkpoint is restored the way stage 2 restores a source run
+(`checkpoints.resolve_run_dir` + `check_model_meta` + `restore_variables`, replicated over the
+mesh) and must give the same eval-mode features and logits.
 """
 import os
 import subprocess
@@ -23,10 +24,11 @@ torchvision = pytest.importorskip("torchvision")
 nn = torch.nn
 
 # pylint: disable=wrong-import-position
-from eercl_jax import config_defaults, parallel, train_adapt
-from eercl_jax.models import eercl, pretrained
+from eercl_jax import checkpoints, config_defaults, parallel
+from eercl_jax.models import eercl
 from eercl_jax.tools import export_npz, import_torch
-from tests.test_pretrained import randomize_bn_, randomize_vit_
+from eercl_jax.weights import convert, readers
+from tests.test_weights import randomize_bn_, randomize_vit_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -107,7 +109,7 @@ def randomize_head_(model, seed):
 
 def build_original(kind, seed=0):
   torch.manual_seed(seed)
-  if kind == "resnet50":
+  if kind == "resnet":
     model = ContrastiveModel(SFDAResNetBase, SFDAClassifier)
   else:
     model = ContrastiveModel(ViTSFDABaseNet, lambda: SFDAClassifier(7, 16))
@@ -134,19 +136,11 @@ def source_config(kind):
   c = config_defaults.source_config(source="raf", target="ck")
   c.model.backbone = kind
   if kind == "vit":
-    c.model.vit_size = "mu/8"
+    c.model.size = "mu/8"
     c.model.bottleneck_dim, c.model.width, c.model.feat_dim = 32, 32, 16
     c.data.crop = 32
   else:
     c.data.crop = 64
-  return c
-
-
-def adapt_config(src_config, checkpoint):
-  c = config_defaults.adapt_config(target="ck", source="raf")
-  c.model = src_config.model
-  c.data.crop = src_config.data.crop
-  c.source_checkpoint = checkpoint
   return c
 
 
@@ -157,10 +151,14 @@ def torch_outputs(ddp, x):
     return feat.numpy(), m.online_classifier(feat).numpy()
 
 
-def restore_and_apply(src_config, out_dir, x):
-  config = adapt_config(src_config, out_dir)
+def restore_and_apply(config, out_dir, x):
+  directory = checkpoints.resolve_run_dir(out_dir, "best")
+  assert directory == os.path.join(out_dir, "best")
+  _, meta = checkpoints.read_meta(directory)
+  checkpoints.check_model_meta(meta, config, directory)
   model = eercl.create_model(config.model)
-  variables, step = train_adapt.load_source_variables(config, model, parallel.create_mesh())
+  variables, step = checkpoints.restore_variables(
+      directory, model, config.data.crop, parallel.replicated(parallel.create_mesh()))
   feat, logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   return np.asarray(feat), np.asarray(logits), step, variables
@@ -170,7 +168,7 @@ def restore_and_apply(src_config, out_dir, x):
 
 @pytest.fixture(scope="module")
 def resnet_original(tmp_path_factory):
-  ddp = build_original("resnet50")
+  ddp = build_original("resnet")
   path = str(tmp_path_factory.mktemp("orig_r50") / "best_model.pth")
   save_original(ddp, path)
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -195,7 +193,7 @@ def test_resnet_source_model_import(resnet_original, tmp_path):
           "module.online_network.bottleneck.weight", "module.online_network.bn.running_var",
           "module.online_classifier.fc.weight_g", "module.online_classifier.fc.weight_v",
           "module.target_classifier.fc.bias"} <= keys
-  cfg = source_config("resnet50")
+  cfg = source_config("resnet")
   out = str(tmp_path / "imported")
   report = import_torch.convert(path, out, cfg)
   assert report["step"] == STEP and os.path.isdir(os.path.join(out, "best", str(STEP)))
@@ -217,7 +215,7 @@ def test_resnet_feature_layers_only(resnet_original, tmp_path):
                    ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))}
   path = str(tmp_path / "aliases.pth")
   torch.save({"base_model": sd}, path)
-  report = import_torch.convert(path, str(tmp_path / "out"), source_config("resnet50"))
+  report = import_torch.convert(path, str(tmp_path / "out"), source_config("resnet"))
   assert report["step"] == 0 and len(report["loaded"]) == 6 + 265 + 3
 
 
@@ -228,7 +226,7 @@ def test_vit_source_model_import_cli_and_export(vit_original, tmp_path):
       "from eercl_jax import config_defaults\n\n"
       "def get_config():\n"
       "  c = config_defaults.source_config(source='raf', target='ck')\n"
-      "  c.model.vit_size = 'mu/8'\n"
+      "  c.model.size = 'mu/8'\n"
       "  c.model.bottleneck_dim, c.model.width, c.model.feat_dim = 32, 32, 16\n"
       "  c.data.crop = 32\n"
       "  return c\n")
@@ -247,9 +245,9 @@ def test_vit_source_model_import_cli_and_export(vit_original, tmp_path):
   np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
   # export_npz: the backbone in public JAX names, read back exactly.
   npz = export_npz.export(out, str(tmp_path / "backbone.npz"))
-  sd = pretrained.load_state_dict(npz)
+  sd = readers.load_state_dict(npz)
   assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in sd
-  reloaded, report = pretrained.init_backbone(cfg.model, variables, npz)
+  reloaded, report = convert.init_backbone(cfg.model, variables, npz)
   assert report["format"] == "jax_vit" and not report["ignored"]
   for a, b in zip(jax.tree_util.tree_leaves(reloaded), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,4 +1,4 @@
-"""eercl_jax.losses against small cases worked out with numpy loops (algorithm.md 2.6-2.10)."""
+"""eercl_jax.losses against small cases worked out with numpy loops (docs/method.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +44,7 @@ def test_relation_matrix_properties():
   np.testing.assert_array_equal(s, s.T)
   np.testing.assert_array_equal(np.diag(s), np.ones(7, np.float32))
   np.testing.assert_allclose(s, vh @ vh.T, atol=1e-6)  # alpha = 1: S = V_hat V_hat^T
-  s_half = np.asarray(L.relation_matrix(jnp.asarray(v), non_diag_alpha=0.5))
+  s_half = np.asarray(L.relation_matrix(jnp.asarray(v), off_diagonal=0.5))
   off = ~np.eye(7, dtype=bool)
   np.testing.assert_allclose(s_half[off], 0.5 * s[off], atol=1e-7)
   np.testing.assert_array_equal(np.diag(s_half), np.ones(7, np.float32))
@@ -119,7 +119,7 @@ def test_aad_loss_gradients():
 
 
 def test_aad_loss_negative_scores_nan_value_finite_grad():
-  # Faithful randn bank rows (Q1): the value is NaN (log of a negative), the gradient is -s/B.
+  # Faithful randn bank rows (docs/deviations.md#bank-refresh-coverage): the value is NaN (log of a negative), the gradient is -s/B.
   s = jnp.asarray(np.array([[[-0.5, 1.5]]], np.float32))
   p = jnp.asarray(np.array([[0.3, 0.7]], np.float32))
   assert np.isnan(float(jax.jit(L.aad_loss)(p, s)[0]))
@@ -130,7 +130,7 @@ def test_aad_loss_negative_scores_nan_value_finite_grad():
 # ------------------------------------------------------------------------------------------------
 # contrastive terms
 
-def test_class_relation_contrast_loop_mask_and_grads():
+def test_class_contrast_loop_mask_and_grads():
   rs = np.random.RandomState(4)
   b, c, t = 6, 5, 0.07
   p = _probs(rs, b, c)
@@ -147,12 +147,12 @@ def test_class_relation_contrast_loop_mask_and_grads():
     ce = m + np.log(sum(np.exp(z - m) for z in logits)) - logits[y[i]]
     total += ce if mask[i] else 0.0
   want = total / b  # masked rows count in the denominator
-  crc = jax.jit(L.class_relation_contrast, static_argnums=4)
+  crc = jax.jit(L.class_contrast, static_argnums=4)
   for mk in (mask, mask.astype(np.float32)):
     got = crc(jnp.asarray(p), jnp.asarray(y), jnp.asarray(mk),
                                     jnp.asarray(s), t)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  gp, gm, gs = jax.jit(jax.grad(L.class_relation_contrast, argnums=(0, 2, 3)), static_argnums=4)(
+  gp, gm, gs = jax.jit(jax.grad(L.class_contrast, argnums=(0, 2, 3)), static_argnums=4)(
       jnp.asarray(p), jnp.asarray(y), jnp.asarray(mask.astype(np.float32)), jnp.asarray(s), t)
   np.testing.assert_array_equal(np.asarray(gs), 0.0)
   np.testing.assert_array_equal(np.asarray(gm), 0.0)
@@ -160,7 +160,7 @@ def test_class_relation_contrast_loop_mask_and_grads():
   assert np.all(gp[~mask] == 0) and np.any(gp[mask] != 0)
 
 
-def test_instance_relation_nce_loop_and_grads():
+def test_instance_nce_loop_and_grads():
   rs = np.random.RandomState(5)
   b, m, c, t = 4, 9, 5, 0.07
   q, k, neg = _probs(rs, b, c), _probs(rs, b, c), _probs(rs, m, c)
@@ -176,9 +176,9 @@ def test_instance_relation_nce_loop_and_grads():
     total += mx + np.log(sum(np.exp(z - mx) for z in logits)) - logits[0]
   want = 0.5 * total / b
   args = tuple(jnp.asarray(a) for a in (q, k, neg, s)) + (t,)
-  np.testing.assert_allclose(float(jax.jit(L.instance_relation_nce, static_argnums=4)(*args)),
+  np.testing.assert_allclose(float(jax.jit(L.instance_nce, static_argnums=4)(*args)),
                              want, rtol=1e-5)
-  grads = jax.jit(jax.grad(L.instance_relation_nce, argnums=(0, 1, 2, 3)), static_argnums=4)(*args)
+  grads = jax.jit(jax.grad(L.instance_nce, argnums=(0, 1, 2, 3)), static_argnums=4)(*args)
   assert np.any(np.asarray(grads[0]) != 0)
   for g in grads[1:]:
     np.testing.assert_array_equal(np.asarray(g), 0.0)

@@ -15,15 +15,15 @@ from eercl_jax import models
 from eercl_jax.models import eercl, layers, vit
 
 TINY_HEAD = dict(bottleneck_dim=32, width=32, feat_dim=16, num_classes=7)
-TINY_RESNET = dict(resnet_stages=(1, 1, 1, 1), resnet_width=8)
+TINY_RESNET = dict(size="mu")
 
 
 def tiny_vit(**kw):
-  return models.EERCLModel("vit", vit_size="mu/8", **{**TINY_HEAD, **kw})
+  return models.EERCLModel("vit", size="mu/8", **{**TINY_HEAD, **kw})
 
 
 def tiny_resnet(**kw):
-  return models.EERCLModel("resnet50", **{**TINY_HEAD, **TINY_RESNET, **kw})
+  return models.EERCLModel("resnet", **{**TINY_HEAD, **TINY_RESNET, **kw})
 
 
 def images(n=8, size=32, seed=0):
@@ -170,7 +170,7 @@ def test_vit_sizes():
 
 
 def test_vit_b16_param_tree_matches_checkpoint_names():
-  params = shape_tree(models.EERCLModel("vit", vit_size="B/16"))["params"]
+  params = shape_tree(models.EERCLModel("vit", size="B/16"))["params"]
   bb = params["backbone"]
   # ViT-B/16 without its 1000-way head: 86,567,656 - 769,000.
   assert models.count_params(bb) == 85_798_656
@@ -189,7 +189,7 @@ def test_vit_b16_param_tree_matches_checkpoint_names():
   assert att["out"]["kernel"].shape == (12, 64, 768)
   assert blk["MlpBlock_3"]["Dense_0"]["kernel"].shape == (768, 3072)
   assert blk["MlpBlock_3"]["Dense_1"]["kernel"].shape == (3072, 768)
-  # The head of algorithm.md 1.4.
+  # The ViT head stack (docs/method.md#model-backbones-and-head-stacks).
   assert set(params) == {"backbone", "bottleneck", "bottleneck_bn", "mlp", "sfda_bottleneck",
                          "sfda_bn", "classifier"}
   assert params["bottleneck"]["kernel"].shape == (768, 1024)
@@ -200,7 +200,7 @@ def test_vit_b16_param_tree_matches_checkpoint_names():
 
 
 def test_resnet50_param_tree():
-  tree = shape_tree(models.EERCLModel("resnet50"))
+  tree = shape_tree(models.EERCLModel("resnet", size="50"))
   bb = tree["params"]["backbone"]
   assert models.count_params(bb) == 23_508_032            # torchvision resnet50 without fc
   assert bb["conv1"]["kernel"].shape == (7, 7, 3, 64)
@@ -289,7 +289,7 @@ def test_bfloat16_and_remat(vit_variables):
 
 
 def test_create_model_from_config():
-  cfg = ml_collections.ConfigDict(dict(backbone="vit", vit_size="mu/8", num_classes=5,
+  cfg = ml_collections.ConfigDict(dict(backbone="vit", size="mu/8", num_classes=5,
                                        bottleneck_dim=24, width=20, feat_dim=12, dropout=0.1,
                                        dtype="bfloat16", init_from=""))
   model = models.create_model(cfg)

@@ -55,7 +55,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     assert "[source] final" in out
     out = _launch([f"--config={REPO}/configs/demo_adapt.py", f"--workdir={ada}", *TINY_FLAGS,
                    *STEPS, f"--config.source_checkpoint={src}",
-                   "--config.adapt.pseudo_update_interval=2",
+                   "--config.adapt.refresh_every=2",
                    "--config.adapt.refresh_batch_size=64"], data_dir, n)
     assert "[adapt] final" in out
     runs[n] = (_losses(src), _losses(ada))

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from eercl_jax import config_defaults, optim
+from eercl_jax.models import registry
 
 
 @pytest.mark.parametrize("t,expected", [(0, 1.0), (1000, 0.26085), (5000, 0.08685),
                                         (10000, 0.05240), (19999, 0.03139)])
 def test_inv_lr_factor_matches_original_figures(t, expected):
-  # algorithm.md 1.6 / 7: FER source config gamma 0.005, power 0.75.
+  # docs/method.md#source-optimiser-and-invlr-schedule: FER source config gamma 0.005, power 0.75.
   assert float(optim.inv_lr_factor(t, 0.005, 0.75)) == pytest.approx(expected, abs=1e-5)
 
 
@@ -65,7 +66,15 @@ def test_optimizer_equals_torch_sgd_per_group_and_freezes():
 
 
 def test_unknown_group_is_an_error():
-  cfg = config_defaults.source_config().optim
-  tx = optim.make_optimizer(cfg, lambda p: {k: "nope" for k in p})
+  c = config_defaults.source_config()
+  mult = registry.lr_mult(c.model, c.optim)
+  tx = optim.make_optimizer(c.optim, lambda p: {k: "nope" for k in p}, mult)
   with pytest.raises(ValueError, match="lr_mult has no entry"):
     tx.init({"w": jnp.ones(2)})
+  # A misspelt frozen group would leave the classifier trainable: it is an error.
+  with pytest.raises(ValueError, match=r"frozen parameter group\(s\) \['classifer'\]"):
+    optim.make_optimizer(c.optim, lambda p: p, mult, frozen=("classifer",))
+  c.optim.lr_mult.sfda = 3.0          # a config value wins over the backbone's default
+  assert registry.lr_mult(c.model, c.optim) == {**mult, "sfda": 3.0}
+  c.model.backbone = "resnet"         # the backbone's own multipliers follow the backbone
+  assert registry.lr_mult(c.model, c.optim)["backbone"] == 1.0 and mult["backbone"] == 0.1

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import demo_adapt, demo_source
-from eercl_jax import optim, parallel, train_adapt, train_lib, train_source
+from eercl_jax import logs, optim, parallel, train_adapt, train_source
+from eercl_jax.data import lists
 from eercl_jax.data import pipelines
 from eercl_jax.models import eercl
 from tests.conftest import REPO, tiny
@@ -34,8 +35,8 @@ def _config(source_run, **overrides):
   c = tiny(demo_adapt.get_config())
   c.source_checkpoint = source_run
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
-  c.adapt.pseudo_update_interval = 2
-  c.adapt.bank_size = 48          # not a multiple of the batch: exercises the ring truncation
+  c.adapt.refresh_every = 2
+  c.adapt.negative_bank_size = 48          # not a multiple of the batch: exercises the ring truncation
   c.adapt.refresh_batch_size = 64
   for k, v in overrides.items():
     setattr(c, k, v)
@@ -45,9 +46,9 @@ def _config(source_run, **overrides):
 def _steps(config, devices, batches):
   mesh = parallel.create_mesh(devices)
   model = eercl.create_model(config.model)
-  tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=("classifier",))
+  tx = optim.for_model(config, frozen=("classifier",))
   variables, _ = train_adapt.load_source_variables(config, model, mesh)
-  target_list, _ = train_lib.load_lists(config)
+  target_list, _ = lists.read_run_lists(config.data)
   state = train_adapt.create_state(config, model, tx, variables, len(target_list), mesh)
   state, _ = train_adapt.refresh_banks(state, target_list, 0,
                                        embed=train_adapt._make_embed(model, config),
@@ -56,16 +57,16 @@ def _steps(config, devices, batches):
   metrics = []
   for b in batches:
     state, m = step(state, parallel.shard_batch(b, mesh))
-    metrics.append(train_lib.to_host_scalars(m))
+    metrics.append(logs.to_host_scalars(m))
   return state, metrics
 
 
 def test_adapt_step_on_one_and_eight_devices_agree(data_dir, source_run, monkeypatch):
   monkeypatch.chdir(data_dir)
   config = _config(source_run)
-  target_list, _ = train_lib.load_lists(config)
+  target_list, _ = lists.read_run_lists(config.data)
   it = iter(pipelines.train_dataset(target_list, views=("weak", "strong", "strong"),
-                                    view_cfg=train_lib.view_config(config),
+                                    view_cfg=pipelines.view_config(config.data),
                                     global_batch=config.batch_size, seed=0))
   batches = [next(it) for _ in range(2)]
   s1, m1 = _steps(config, jax.devices()[:1], batches)
@@ -100,7 +101,7 @@ def test_resume_restores_banks_teacher_and_pointers(data_dir, source_run, monkey
   train_adapt.train_and_evaluate(_config(source_run, num_steps=2), str(tmp_path / "split"))
   resumed = train_adapt.train_and_evaluate(_config(source_run, num_steps=3),
                                            str(tmp_path / "split"))
-  assert "resumed adaptation" in open(tmp_path / "split" / "logs" / "train.log").read()
+  assert "resumed from" in open(tmp_path / "split" / "logs" / "train.log").read()
   assert resumed["final"] == pytest.approx(whole["final"])
   assert resumed["source_only"] == pytest.approx(whole["source_only"])
 
@@ -108,7 +109,7 @@ def test_resume_restores_banks_teacher_and_pointers(data_dir, source_run, monkey
     config = _config(source_run, num_steps=3)
     mesh = parallel.create_mesh(jax.devices()[:1])
     model = eercl.create_model(config.model)
-    tx = optim.make_optimizer(config.optim, eercl.param_groups, frozen=("classifier",))
+    tx = optim.for_model(config, frozen=("classifier",))
     variables, _ = train_adapt.load_source_variables(config, model, mesh)
     template = train_adapt.create_state(config, model, tx, variables, 112, mesh)
     from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
@@ -146,14 +147,14 @@ def test_cli_adapts_and_prints_side_by_side(data_dir, source_run, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_adapt.py",
        f"--workdir={workdir}", *TINY_FLAGS, f"--config.source_checkpoint={source_run}",
-       "--config.num_steps=3", "--config.eval_every=3", "--config.adapt.pseudo_update_interval=2",
+       "--config.num_steps=3", "--config.eval_every=3", "--config.adapt.refresh_every=2",
        "--config.adapt.refresh_batch_size=64"],
       cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[adapt] final: " in proc.stdout and "target: source-only" in proc.stdout
   assert os.listdir(workdir / "checkpoints") == ["3"] and os.listdir(workdir / "best")
   log = open(workdir / "logs" / "train.log").read()
-  for word in ("aad_pos", "aad_neg", "info_nce", "mask_acc", "cluster_mask_acc", "mean_max_prob",
+  for word in ("aad_attract", "aad_disperse", "instance_nce", "mask_acc", "cluster_mask_acc", "mean_max_prob",
                "bank refresh", "oracle selection"):
     assert word in log, word
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import demo_source
-from eercl_jax import checkpoints, optim, parallel, train_lib, train_source
+from eercl_jax import checkpoints, logs, optim, parallel, train_source
+from eercl_jax.data import lists
 from eercl_jax.data import pipelines
 from eercl_jax.models import eercl
 from tests.conftest import REPO, tiny
@@ -25,7 +26,7 @@ def _config(**overrides):
 
 def _run_steps(config, devices, batches):
   model = eercl.create_model(config.model)
-  tx = optim.make_optimizer(config.optim, eercl.param_groups)
+  tx = optim.for_model(config)
   mesh = parallel.create_mesh(devices)
   state = parallel.replicate(train_source.create_state(config, model, tx, jax.random.PRNGKey(0)),
                              mesh)
@@ -33,16 +34,16 @@ def _run_steps(config, devices, batches):
   out = []
   for b in batches:
     state, metrics = step(state, parallel.shard_batch(b, mesh))
-    out.append(train_lib.to_host_scalars(metrics))
+    out.append(logs.to_host_scalars(metrics))
   return jax.device_get(state), out
 
 
 def test_step_on_one_and_eight_devices_agree(data_dir, monkeypatch):
   monkeypatch.chdir(data_dir)
   config = _config()
-  train_list, _ = train_lib.load_lists(config)
+  train_list, _ = lists.read_run_lists(config.data)
   it = iter(pipelines.train_dataset(train_list, views=("weak",),
-                                    view_cfg=train_lib.view_config(config),
+                                    view_cfg=pipelines.view_config(config.data),
                                     global_batch=config.batch_size, seed=0))
   batches = [next(it) for _ in range(3)]
   assert len(jax.devices()) == 8
@@ -121,14 +122,14 @@ def test_cli_rejects_a_misspelt_key(data_dir, tmp_path):
 
 def test_init_from_loads_a_local_backbone_into_the_source_state(tmp_path):
   """config.model.init_from goes through the same create_state the loop uses."""
-  from eercl_jax.models import pretrained  # pylint: disable=import-outside-toplevel
+  from eercl_jax.weights import convert  # pylint: disable=import-outside-toplevel
   config = _config()
   model = eercl.create_model(config.model)
   donor = eercl.init_variables(model, jax.random.PRNGKey(7), config.data.crop)
   path = str(tmp_path / "backbone.npz")
-  pretrained.export_backbone_npz(donor, config.model, path)
+  convert.export_backbone_npz(donor, config.model, path)
   config.model.init_from = path
-  tx = optim.make_optimizer(config.optim, eercl.param_groups)
+  tx = optim.for_model(config)
   state = train_source.create_state(config, model, tx, jax.random.PRNGKey(0))
   jax.tree_util.tree_map(np.testing.assert_array_equal, donor["params"]["backbone"],
                          state.params["backbone"])

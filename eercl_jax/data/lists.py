@@ -111,3 +111,28 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
 def count_per_class(fer_list: FerList) -> np.ndarray:
   """Number of entries of each class, int64 (C,)."""
   return np.bincount(fer_list.labels, minlength=len(fer_list.class_names))
+
+
+def read_run_lists(data_config) -> tuple[FerList, dict[str, FerList]]:
+  """The training list and the evaluation lists of a run's `config.data`, each validated (with
+  its images) before any training starts. Generates the built-in synthetic set first if the
+  config asks for it (one writer; the other processes wait)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax.experimental import multihost_utils
+  from eercl_jax.data import synthetic
+  d = data_config
+  if d.synthetic.enabled:
+    params = {k: v for k, v in d.synthetic.items() if k not in ("enabled", "root")}
+    if jax.process_index() == 0:
+      synthetic.ensure_generated(d.synthetic.root, **params)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("synthetic data generated")
+  read = lambda path: read_list(path, d.image_root, tuple(d.class_names),
+                                check_images=d.check_images, skip_bad_images=d.skip_bad_images)
+  train = read(d.train_list)
+  evals = {name: read(path) for name, path in d.eval_lists.items()}
+  for name, fl in [("train", train), *evals.items()]:
+    logging.info("list %s: %s (%d images, %d skipped)", name, fl.list_path, len(fl),
+                 fl.num_skipped)
+  return train, evals

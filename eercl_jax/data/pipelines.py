@@ -39,6 +39,19 @@ class ViewConfig:
   crop: int = 224     # output size of every view
 
 
+def view_config(data_config) -> ViewConfig:
+  return ViewConfig(resize=data_config.resize, crop=data_config.crop)
+
+
+def normalize(images, data_config):
+  """uint8 NHWC -> float32, mean/std on the 0..255 scale as the original. Runs on the device,
+  inside the jitted steps, so the host ships uint8 (4x less to transfer)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  mean = jnp.asarray(data_config.mean, jnp.float32)
+  std = jnp.asarray(data_config.std, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
 # ----------------------------------------------------------------------- small pure helpers
 
 

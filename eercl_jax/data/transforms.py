@@ -1,4 +1,5 @@
-"""Image views of the original's mmcls 0.x pipelines (algorithm.md 1.7), on uint8 HxWx3 RGB arrays.
+"""Image views of the original's mmcls 0.x pipelines (docs/method.md#source-data-views), on uint8
+HxWx3 RGB arrays.
 
 All randomness comes from an explicit `np.random.Generator`, so a view is a pure function of the
 generator's seed (the pipelines derive it from (seed, epoch, index)). Normalisation is not done

@@ -1,4 +1,5 @@
-"""Networks: ViT and ResNet backbones, the EERCL head, and PyTorch-semantics layers."""
+"""Networks: the backbone registry, ViT and ResNet backbones, the EERCL head, PyTorch-semantics
+layers."""
 from eercl_jax.models.eercl import (PARAM_GROUPS, EERCLModel, class_directions, count_params,
                                     create_model, init_variables, param_groups)
 from eercl_jax.models.layers import GroupedBatchNorm, WeightNormDense

@@ -3,9 +3,9 @@
 * `GroupedBatchNorm`: batch norm whose batch statistics come from fixed groups of rows ("ghost
   BN"). The original ran plain per-GPU BN on 2 GPUs x 32 images; fixing the groups in the model
   instead of in the hardware makes results independent of how many devices run a step
-  (algorithm.md section 0, Q4).
+  (docs/deviations.md#grouped-batch-norm-instead-of-per-gpu-bn).
 * `WeightNormDense`: `torch.nn.utils.weight_norm(nn.Linear(D, C), dim=0)` with the effective
-  initialisation of the original (algorithm.md 1.3 and Q6).
+  initialisation of the original (docs/method.md#classifier-and-its-initialisation).
 """
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ import jax.numpy as jnp
 
 BN_MOMENTUM = 0.1    # PyTorch: running = (1 - 0.1) * running + 0.1 * batch
 BN_EPSILON = 1e-5    # PyTorch BatchNorm1d/2d default (torchvision ResNet keeps it)
+
+
+def num_groups(rows: int, group_size: int) -> int:
+  """How many BN groups of `group_size` rows a batch of `rows` makes (must divide exactly)."""
+  if group_size < 1 or rows % group_size:
+    raise ValueError(f"a batch of {rows} images cannot be split into BN groups of "
+                     f"config.bn_group_size={group_size}")
+  return rows // group_size
 
 
 class GroupedBatchNorm(nn.Module):

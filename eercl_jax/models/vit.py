@@ -16,6 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from eercl_jax.weights import rules
+from eercl_jax.weights.rules import identity
+
 # variant -> (width, depth, mlp_dim, num_heads). Ti..H as in the ViT / AugReg papers; 'mu' is a
 # tiny size for tests.
 VIT_VARIANTS = {
@@ -143,7 +146,8 @@ class VisionTransformer(nn.Module):
     return cls(**parse_vit_size(size), **kwargs)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, groups: int = 1) -> jax.Array:
+    del groups  # no batch norm in a ViT: the BN groups only concern the head
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding")(x)
@@ -155,3 +159,79 @@ class VisionTransformer(nn.Module):
                 dropout=self.dropout, attention_dropout=self.attention_dropout,
                 dtype=self.dtype, remat=self.remat, name="Transformer")(x, train=train)
     return x[:, 0]
+
+
+def build(size: str, dtype: Any = jnp.float32, remat: bool = False, **kwargs) -> VisionTransformer:
+  return VisionTransformer.from_size(size, dtype=dtype, remat=remat, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-file layouts: variable path (inside the backbone scope) -> file key and transforms
+
+def jax_vit_rule(path, shape):
+  """The public JAX .npz names are the module's own names joined by '/'."""
+  del shape
+  if path[0] != "params":
+    raise KeyError(path)
+  return "/".join(path[1:]), identity, identity
+
+
+_TIMM_BLOCK = {"LayerNorm_0": "norm1", "LayerNorm_2": "norm2", "Dense_0": "mlp.fc1",
+               "Dense_1": "mlp.fc2"}
+_QKV = {"query": 0, "key": 1, "value": 2}
+
+
+def _qkv_split(j: int, leaf: str):
+  def fwd(a, shape):
+    width = a.shape[-1] if leaf == "kernel" else a.shape[0] // 3
+    if a.shape[0] != 3 * width:
+      raise ValueError(f"fused qkv of shape {a.shape} is not 3 x width")
+    part = a[j * width:(j + 1) * width]
+    return (part.T if leaf == "kernel" else part).reshape(shape)
+  return fwd
+
+
+def timm_vit_rule(path, shape):
+  """timm / DeiT names (the original's ViT body uses the same layout)."""
+  del shape
+  if path[0] != "params":
+    raise KeyError(path)
+  p = path[1:]
+  leaf = p[-1]
+  tw = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(leaf)
+  if p == ("embedding", "kernel"):
+    return ("patch_embed.proj.weight",) + rules.CONV_OIHW_TO_HWIO
+  if p == ("embedding", "bias"):
+    return "patch_embed.proj.bias", identity, identity
+  if p == ("cls",):
+    return "cls_token", identity, identity
+  if p == ("Transformer", "posembed_input", "pos_embedding"):
+    return "pos_embed", identity, identity
+  if p[:2] == ("Transformer", "encoder_norm"):
+    return f"norm.{tw}", identity, identity
+  m = re.fullmatch(r"encoderblock_(\d+)", p[1]) if len(p) > 2 and p[0] == "Transformer" else None
+  if m is None:
+    raise KeyError(path)
+  blk = f"blocks.{m.group(1)}"
+  sub = p[2:]
+  if sub[0] in ("LayerNorm_0", "LayerNorm_2"):
+    return f"{blk}.{_TIMM_BLOCK[sub[0]]}.{tw}", identity, identity
+  if sub[0] == "MlpBlock_3":
+    return rules.torch_dense_rule(leaf, f"{blk}.{_TIMM_BLOCK[sub[1]]}")
+  if sub[0] == "MultiHeadDotProductAttention_1":
+    if sub[1] in _QKV:
+      return f"{blk}.attn.qkv.{tw}", _qkv_split(_QKV[sub[1]], leaf), None
+    if sub[1] == "out" and leaf == "kernel":
+      return (f"{blk}.attn.proj.weight", lambda a, s: a.T.reshape(s),
+              lambda a: a.reshape(-1, a.shape[-1]).T)
+    if sub[1] == "out":
+      return f"{blk}.attn.proj.bias", identity, identity
+  raise KeyError(path)
+
+
+WEIGHT_FORMATS = {
+    "jax_vit": rules.WeightFormat("Transformer/encoder_norm/scale", jax_vit_rule,
+                                  ignored=("head/", "pre_logits/")),
+    "timm_vit": rules.WeightFormat("blocks.0.attn.qkv.weight", timm_vit_rule,
+                                   ignored=("head.", "head_dist.", "pre_logits.")),
+}

@@ -2,41 +2,29 @@
 
   python -m eercl_jax.tools.export_npz runs/source_raf OUT.npz [--which=best|latest] [--step=N]
 
-CKPT is a run's workdir (its best/ checkpoint is used unless --which=latest) or a checkpoint
-folder (best/ or checkpoints/). The model is rebuilt from the checkpoint's own metadata
-(`meta['model']`, `meta['config']['data']['crop']`); --config overrides both. The ViT is written
-with the public JAX ViT names (`Transformer/encoderblock_N/...`, loadable by
-`pretrained.init_backbone` and by tools that read the original ViT .npz files), the ResNet with
-torchvision's state-dict names (OIHW convs, BN weight/bias/running_mean/running_var).
+CKPT is a run's workdir (its best/ checkpoint is used unless --which=latest or it has none) or a
+checkpoint folder (best/ or checkpoints/). The model is rebuilt from the checkpoint's own metadata
+(`meta['model']`, `meta['config']['data']['crop']`); --config overrides both. The layout is the
+backbone's registry entry's `export_format`: the ViT with the public JAX ViT names
+(`Transformer/encoderblock_N/...`, loadable by `weights.convert.init_backbone` and by tools that
+read the original ViT .npz files), the ResNet with torchvision's state-dict names (OIHW convs, BN
+weight/bias/running_mean/running_var).
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 
-from eercl_jax.models import pretrained
-
-
-def resolve_directory(path: str, which: str = "best") -> str:
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-  sub = os.path.join(path, "best" if which == "best" else "checkpoints")
-  return sub if os.path.isdir(sub) else path
+from eercl_jax import checkpoints
+from eercl_jax.models import eercl
+from eercl_jax.weights import convert
 
 
 def export(checkpoint: str, out_path: str, config=None, which: str = "best",
            step: int | None = None) -> str:
-  # pylint: disable=import-outside-toplevel
-  from eercl_jax import checkpoints
-  from eercl_jax.models import eercl
-  directory = resolve_directory(checkpoint, which)
-  latest, meta = checkpoints.read_meta(directory)
-  step = latest if step is None else step
+  directory = checkpoints.resolve_run_dir(checkpoint, which, what="checkpoint")
+  _, meta = checkpoints.read_meta(directory)
   if config is not None:
     model_config, crop = config.model, config.data.crop
   else:
@@ -45,14 +33,10 @@ def export(checkpoint: str, out_path: str, config=None, which: str = "best",
     if crop is None:
       raise ValueError(f"{directory}: metadata holds no data.crop; pass --config")
   model = eercl.create_model(model_config)
-  shapes = jax.eval_shape(lambda: eercl.init_variables(model, jax.random.PRNGKey(0), crop))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-      {k: shapes[k] for k in ("params", "batch_stats") if k in shapes})
-  variables = checkpoints.restore_subtree(directory, abstract, step)
+  variables, step = checkpoints.restore_variables(directory, model, crop, device, step)
   logging.info("restored %s step %d", directory, step)
-  return pretrained.export_backbone_npz(variables, model_config, out_path)
+  return convert.export_backbone_npz(variables, model_config, out_path)
 
 
 def main(argv):

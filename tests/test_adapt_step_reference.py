@@ -1,0 +1,420 @@
+"""Two whole adaptation steps of `train_adapt.adapt_step` against an independent restatement of
+the original two-GPU PyTorch trainer.
+
+The reference below is written per GPU, as the original ran: W = 2 GPUs, each holding B images
+in three views and running plain BN over its own 3B rows; all-gathers are rank-major
+concatenations; DDP averages the per-GPU gradients; torch SGD (coupled weight decay, Nesterov)
+runs per parameter group in numpy (the formulas: docs/method.md, "Adaptation"). It shares nothing with the code under test but the network's
+forward (`model.apply` with `bn_groups=1` on one GPU's slice: the network is not what is tested
+here) and the one random draw the port makes for shuffle-BN (the permutation from
+`fold_in(state.rng, state.step)`). What is under test is everything around the network: BN
+grouping of the views, the teacher shuffle, the EMA, the AaD bank write and neighbour query, the
+loss composition and its 1/W scaling, the optimiser groups, and the negative ring buffers.
+"""
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo_adapt
+from eercl_jax import optim, parallel, train_adapt
+from eercl_jax.models import eercl
+
+W, B = 2, 4            # GPUs of the original, images per GPU
+BG = W * B             # global batch
+N = 20                 # target images (bank rows)
+M = 12                 # negative ring size: 0 -> 8, then 8 -> 12 (truncated write) -> wraps to 0
+C, D = 7, 8            # classes, feature dim
+SIZE = 16              # image side
+
+
+# ------------------------------------------------------------------------------------------------
+# set-up
+
+def _model(backbone):
+  if backbone == "resnet":   # BN inside the backbone as well as in the head
+    return eercl.EERCLModel("resnet", size="mu", feat_dim=D, num_classes=C, dropout=0.0)
+  return eercl.EERCLModel("vit", size="mu/8", bottleneck_dim=16, width=16, feat_dim=D,
+                          num_classes=C, dropout=0.0)
+
+
+def _config(backbone):
+  c = demo_adapt.get_config()
+  c.model.backbone, c.model.feat_dim, c.model.num_classes = backbone, D, C
+  c.model.size = "mu" if backbone == "resnet" else "mu/8"
+  c.batch_size, c.bn_group_size, c.virtual_devices = BG, B, W
+  c.num_steps = 4                        # the AaD dispersion decay then differs between steps
+  a = c.adapt
+  a.negative_bank_size, a.aad_neighbours, a.ema_decay = M, 3, 0.99
+  a.aad_decay_power = 0.75               # lambda_t = (1 + 10 it / max_iters)^-beta
+  a.aad_weight, a.class_contrast_weight, a.instance_nce_weight = 0.7, 1.3, 0.9
+  a.class_contrast_temp, a.instance_nce_temp = 0.1, 0.2
+  a.shard_banks = False
+  o = c.optim
+  o.lr, o.weight_decay, o.momentum, o.nesterov = 0.1, 0.01, 0.9, True
+  o.schedule, o.gamma, o.power = "inv", 0.5, 0.75
+  # Distinct multipliers, so a parameter in the wrong group shows.
+  o.lr_mult = {"backbone": 0.5, "bottleneck": 0.7, "mlp": 1.5, "sfda": 2.0, "classifier": 10.0}
+  return c
+
+
+def _variables(model, rs):
+  """Random variables of the right shapes, filled on the host: compiling the Flax initialisers
+  would cost more than the whole test, and any reasonable values do here. BN running
+  statistics are away from their (0, 1) init, so the momentum update is visible."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, SIZE, SIZE, 3)), train=False))
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      v = rs.uniform(0.5, 1.5, x.shape) if name.endswith("['var']") else 0.3 * rs.randn(*x.shape)
+    elif name.endswith("['scale']"):
+      v = 1.0 + 0.1 * rs.randn(*x.shape)
+    elif len(x.shape) >= 2:            # kernels, embeddings, classifier directions
+      v = rs.randn(*x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    elif name.endswith("['g']"):       # classifier norms: positive
+      v = rs.uniform(1.0, 3.0, x.shape)
+    else:                              # biases
+      v = 0.1 * rs.randn(*x.shape)
+    return jnp.asarray(v, jnp.float32)
+
+  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
+
+
+def _batch(rs, indices):
+  img = lambda: rs.randint(0, 256, (BG, SIZE, SIZE, 3)).astype(np.uint8)
+  return dict(weak=img(), strong1=img(), strong2=img(), index=np.asarray(indices, np.int32),
+              label=rs.randint(0, C, BG).astype(np.int32))
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _known_banks(banks, rs):
+  """Deterministic, known bank contents in place of the initial ones (the relation matrix that
+  create_state computed from the classifier is kept: the reference reads it from the state)."""
+  f = rs.randn(N, D)
+  return banks.replace(
+      aad_feat=jnp.asarray(f / np.linalg.norm(f, axis=1, keepdims=True), jnp.float32),
+      aad_score=jnp.asarray(_softmax(2 * rs.randn(N, C)), jnp.float32),
+      prototypes=jnp.asarray(rs.randn(C, D), jnp.float32),
+      neg_weak=jnp.asarray(_softmax(2 * rs.randn(M, C)), jnp.float32),
+      neg_strong=jnp.asarray(_softmax(2 * rs.randn(M, C)), jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference: the original's per-GPU computation
+
+def _np(tree):
+  return jax.tree_util.tree_map(lambda x: np.array(x, np.float64), tree)
+
+
+def _f32(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _normalize(images, config):
+  mean = np.asarray(config.data.mean, np.float32)
+  std = np.asarray(config.data.std, np.float32)
+  return (images.astype(np.float32) - mean) / std
+
+
+def _gpu_input(batch, config, r):
+  """GPU r's network input: its own rows of each view, concatenated [s1_r; s2_r; w_r]."""
+  rows = slice(r * B, (r + 1) * B)
+  return np.concatenate([_normalize(batch[k][rows], config)
+                         for k in ("strong1", "strong2", "weak")])
+
+
+def _forward_fn(model, params, batch_stats, x):
+  """One GPU's train-mode forward: plain BN over its own rows (bn_groups=1)."""
+  (feat, logits), new = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                    train=True, bn_groups=1, mutable=["batch_stats"])
+  return feat, logits, new["batch_stats"]
+
+
+_forward = jax.jit(_forward_fn, static_argnums=0)
+
+
+def _mean_stats(per_gpu):
+  # Each GPU's update is running*(1-m) + m*stat_r; the port tracks their mean.
+  return jax.tree_util.tree_map(lambda *s: np.mean([np.asarray(x, np.float64) for x in s], 0),
+                                *per_gpu)
+
+
+class _LossSettings(typing.NamedTuple):
+  """The original trainer's names for the loss settings (docs/config-keys.md)."""
+  lambda_aad: float
+  lambda_fixmatch: float
+  lambda_nce: float
+  fixmatch_temp: float
+  nce_temp: float
+
+
+def _l2n(x):
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _ref_teacher(model, ref, batch, config):
+  """EMA, then the teacher forward with shuffle-BN. Returns (teacher params, teacher stats,
+  q_s1, q_s2, q_w, normalised weak features), each (BG, ...) in rank-major order."""
+  m = config.adapt.ema_decay
+  teacher = jax.tree_util.tree_map(lambda t, o: m * t + (1 - m) * o, ref["teacher"],
+                                   ref["params"])
+  # Global teacher input: GPU-major, within a GPU s1, s2, w.
+  t_in = np.concatenate([_gpu_input(batch, config, r) for r in range(W)])     # (W*3B, ...)
+  rng = jax.random.fold_in(ref["rng"], ref["step"])
+  perm_rng, _, _ = jax.random.split(rng, 3)
+  perm = np.asarray(jax.random.permutation(perm_rng, W * 3 * B))
+  shuffled = t_in[perm]
+  feats, logits, stats = [], [], []
+  for g in range(W):             # GPU g normalises its slice of the shuffled batch
+    f, l, s = _forward(model, _f32(teacher), _f32(ref["teacher_stats"]),
+                       shuffled[g * 3 * B:(g + 1) * 3 * B])
+    feats.append(np.asarray(f, np.float64))
+    logits.append(np.asarray(l, np.float64))
+    stats.append(s)
+  feat, logit = np.empty((W * 3 * B, D)), np.empty((W * 3 * B, C))
+  feat[perm], logit[perm] = np.concatenate(feats), np.concatenate(logits)    # un-shuffle
+  prob = _softmax(logit)
+
+  def view(x, v):  # rank-major global rows of view v (0: s1, 1: s2, 2: w)
+    return np.concatenate([x[r * 3 * B + v * B: r * 3 * B + (v + 1) * B] for r in range(W)])
+
+  return (teacher, _mean_stats(stats), view(prob, 0), view(prob, 1), view(prob, 2),
+          _l2n(view(feat, 2)))
+
+
+def _gpu_loss(model, a, params, stats, x, r, lam_t, p_w_gathered, s_near, protos, q_s1_r,
+              q_s2_r, q_w_r, mask_r, neg_weak, neg_strong, rel):
+  """The loss of GPU r of the original, on its own rows only (`a`: the loss settings)."""
+  feat, logits, new_stats = _forward_fn(model, params, stats, x)
+  p = jax.nn.softmax(logits)
+  p_s1, p_s2, p_w = p[:B], p[B:2 * B], p[2 * B:]
+  # AaD on the gathered batch: only this GPU's rows carry gradient.
+  big_p = jax.lax.dynamic_update_slice(p_w_gathered, p_w, (r * B, 0))
+  l_pos = jnp.sum(s_near * (jnp.log(s_near) - big_p[:, None, :])) / BG
+  gram = big_p @ big_p.T
+  l_neg = (jnp.sum(gram) - jnp.trace(gram)) / BG
+  l_aad = a.lambda_aad * (l_pos + lam_t * l_neg)
+  # Class contrast of the strong views against cluster labels of the online weak features.
+  f_w = jax.lax.stop_gradient(feat[2 * B:])
+  f_w = f_w / jnp.linalg.norm(f_w, axis=1, keepdims=True)
+  yhat = jnp.argmax(f_w @ (protos / jnp.linalg.norm(protos, axis=1, keepdims=True)).T, 1)
+
+  def contrast(q):
+    logit = q @ rel.T / a.fixmatch_temp
+    ce = jax.nn.logsumexp(logit, 1) - jnp.take_along_axis(logit, yhat[:, None], 1)[:, 0]
+    return jnp.mean(mask_r * ce)
+
+  l_cc = 0.5 * (contrast(p_s1) + contrast(p_s2))
+
+  def nce(q, k, neg):
+    pos = 0.5 * jnp.sum((q @ rel) * k, 1, keepdims=True)
+    logit = jnp.concatenate([pos, 0.5 * (q @ rel) @ neg.T], 1) / a.nce_temp
+    return 0.5 * jnp.mean(jax.nn.logsumexp(logit, 1) - logit[:, 0])
+
+  l_nce = (nce(p_s1, q_w_r, neg_weak) + nce(p_w, q_s1_r, neg_strong)
+           + nce(p_s1, q_s2_r, neg_strong)) / 3
+  loss = l_aad + a.lambda_fixmatch * l_cc + a.lambda_nce * l_nce
+  return loss, (new_stats, l_pos, l_neg, l_cc, l_nce)
+
+
+_gpu_grad = jax.jit(jax.grad(_gpu_loss, argnums=2, has_aux=True), static_argnums=(0, 1))
+
+
+def _ref_step(model, ref, batch, config):
+  """One step of the original on W GPUs. `ref` holds float64 numpy trees and banks."""
+  a, o = config.adapt, config.optim
+  step = ref["step"]
+  teacher, teacher_stats, q_s1, q_s2, q_w, ft_w = _ref_teacher(model, ref, batch, config)
+
+  # AaD bank write before the loss, then the neighbour query (self is the top-1 and dropped).
+  idx = batch["index"]
+  aad_feat, aad_score = ref["aad_feat"].copy(), ref["aad_score"].copy()
+  aad_feat[idx], aad_score[idx] = ft_w, q_w
+  nn_idx = np.argsort(-(ft_w @ aad_feat.T), axis=1, kind="stable")[:, 1:a.aad_neighbours + 1]
+  s_near = aad_score[nn_idx]                                                 # (BG, k, C)
+
+  mask = q_w.max(-1) >= a.mask_threshold
+  relation = ref["relation"]
+  lam_t = (1.0 + 10.0 * step / config.num_steps) ** (-a.aad_decay_power)
+
+  params32, stats32 = _f32(ref["params"]), _f32(ref["stats"])
+  xs = [jnp.asarray(_gpu_input(batch, config, r)) for r in range(W)]
+  # Every GPU's weak probabilities, as the all-gather sees them (the other GPUs' rows are
+  # constants here: their gradient flows on their own GPU, and DDP averages).
+  p_w_all = np.concatenate([np.asarray(jax.nn.softmax(_forward(model, params32, stats32, x)[1]),
+                                       np.float64)[2 * B:] for x in xs])
+
+  hp = _LossSettings(lambda_aad=a.aad_weight, lambda_fixmatch=a.class_contrast_weight,
+                     lambda_nce=a.instance_nce_weight, fixmatch_temp=a.class_contrast_temp,
+                     nce_temp=a.instance_nce_temp)
+  grads, stats, terms = [], [], []
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  for r in range(W):
+    rows = slice(r * B, (r + 1) * B)
+    g, (s, *t) = _gpu_grad(model, hp, params32, stats32, xs[r], r, lam_t, f32(p_w_all),
+                           f32(s_near), f32(ref["prototypes"]), f32(q_s1[rows]),
+                           f32(q_s2[rows]), f32(q_w[rows]), f32(mask[rows]),
+                           f32(ref["neg_weak"]), f32(ref["neg_strong"]), f32(relation))
+    grads.append(_np(g))
+    stats.append(s)
+    terms.append([np.asarray(v) for v in t])
+  # DDP: the gradient is the mean over GPUs (the global AaD loss thus counts 1/W per GPU,
+  # which the port writes as an explicit 1/W; checked here, not assumed).
+  grad = jax.tree_util.tree_map(lambda *g: np.mean(g, 0), *grads)
+
+  # torch SGD per group: d = g + wd p; buf = mu buf + d; d += mu buf (Nesterov); p -= lr d.
+  lr = o.lr * (1.0 + o.gamma * step) ** (-o.power)
+  new_params, new_buf = {}, {}
+  for scope in ref["params"]:
+    group = eercl.PARAM_GROUPS[scope]
+    if group == "classifier":      # frozen: no gradient, no decay
+      new_params[scope], new_buf[scope] = ref["params"][scope], ref["buf"][scope]
+      continue
+
+    def sgd(p, g, buf, lr=lr * o.lr_mult[group]):
+      d = g + o.weight_decay * p
+      buf = o.momentum * buf + d
+      return p - lr * (d + o.momentum * buf), buf
+
+    out = jax.tree_util.tree_map(sgd, ref["params"][scope], grad[scope], ref["buf"][scope])
+    new_params[scope] = jax.tree_util.tree_map(lambda t: t[0], out,
+                                               is_leaf=lambda t: isinstance(t, tuple))
+    new_buf[scope] = jax.tree_util.tree_map(lambda t: t[1], out,
+                                            is_leaf=lambda t: isinstance(t, tuple))
+
+  def ring(bank, ptr, values):
+    bank = bank.copy()
+    end = min(ptr + BG, M)
+    bank[ptr:end] = values[:end - ptr]
+    return bank, (0 if end == M else ptr + BG)
+
+  neg_weak, neg_weak_ptr = ring(ref["neg_weak"], ref["neg_weak_ptr"], q_w)
+  neg_strong, neg_strong_ptr = ring(ref["neg_strong"], ref["neg_strong_ptr"], q_s1)
+  terms = np.mean(terms, 0)    # l_pos, l_neg: the same on every GPU; the rest: per-GPU means
+  new = dict(ref, step=step + 1, params=new_params, buf=new_buf, stats=_mean_stats(stats),
+             teacher=teacher, teacher_stats=teacher_stats, aad_feat=aad_feat,
+             aad_score=aad_score, neg_weak=neg_weak, neg_weak_ptr=neg_weak_ptr,
+             neg_strong=neg_strong, neg_strong_ptr=neg_strong_ptr)
+  info = dict(grad=grad, mask=mask, lr=lr, aad_pos=terms[0], aad_neg=terms[1],
+              contrast=terms[2], nce=terms[3])
+  return new, info
+
+
+# ------------------------------------------------------------------------------------------------
+# the test
+
+def _close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5):
+  # float32 sums through a stack of batch norms differ by a few ulps of the tensor's largest
+  # entries, so the absolute tolerance grows with the tensor's scale (a wrong formula moves
+  # entries by tens of percent).
+  def check(path, g, w):
+    w = np.asarray(w, np.float64)
+    tol = max(atol, scale_tol * float(np.max(np.abs(w), initial=0.0)))
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=tol,
+                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+  jax.tree_util.tree_map_with_path(check, got, want)
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "vit"])
+def test_two_adapt_steps_match_the_per_gpu_original(backbone):
+  config = _config(backbone)
+  model = _model(backbone)
+  rs = np.random.RandomState(7)
+  variables = _variables(model, rs)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  tx = optim.for_model(config, frozen=("classifier",))
+  state = train_adapt.create_state(config, model, tx, variables, N, mesh)
+  state = jax.device_put(state.replace(banks=_known_banks(state.banks, rs)),
+                         train_adapt.state_shardings(state, mesh, False))
+  state0 = jax.device_get(state)
+  src = _np(state0.params)
+
+  perm = rs.permutation(N)
+  batches = [_batch(rs, perm[:BG]), _batch(rs, perm[BG:2 * BG])]
+
+  ref = dict(step=0, rng=state0.rng, params=src, buf=jax.tree_util.tree_map(np.zeros_like, src),
+             stats=_np(state0.batch_stats), teacher=_np(state0.teacher_params),
+             teacher_stats=_np(state0.teacher_batch_stats),
+             **{k: np.array(getattr(state0.banks, k), np.float64)
+                for k in ("aad_feat", "aad_score", "prototypes", "relation", "neg_weak",
+                          "neg_strong")},
+             neg_weak_ptr=int(state0.banks.neg_weak_ptr),
+             neg_strong_ptr=int(state0.banks.neg_strong_ptr))
+
+  # A confidence threshold in the widest gap of step 1's teacher max-probabilities near the
+  # middle, so the class-contrast term sees both masked and unmasked rows (and no row sits on the
+  # threshold).
+  q_w = _ref_teacher(model, ref, batches[0], config)[4]
+  top = np.sort(q_w.max(-1))
+  gaps = [(top[i + 1] - top[i], i) for i in range(2, BG - 3)]
+  gap, i = max(gaps)
+  assert gap > 1e-3, top
+  config.adapt.mask_threshold = float((top[i] + top[i + 1]) / 2)
+
+  ref1, info1 = _ref_step(model, ref, batches[0], config)
+  ref2, info2 = _ref_step(model, ref1, batches[1], config)
+  assert 0 < info1["mask"].sum() < BG, info1["mask"]
+
+  step = train_adapt.compile_adapt_step(config, model, tx, mesh, state, N)
+  out, m1 = step(state, parallel.shard_batch(batches[0], mesh))
+  state1 = jax.device_get(out)            # a host copy: the next call donates `out`
+  state2, m2 = jax.device_get(step(out, parallel.shard_batch(batches[1], mesh)))
+
+  # ---- after step 1 (teacher == source: the step-1 EMA is a no-op)
+  assert float(m1["count/mask"]) == info1["mask"].sum()
+  # The gradient each parameter received, recovered from the first update (buf = d, so the
+  # step is -lr * (1 + momentum) * (g + wd p)); the classifier must not move at all.
+  o = config.optim
+  for scope in src:
+    group = eercl.PARAM_GROUPS[scope]
+    if group == "classifier":
+      jax.tree_util.tree_map(np.testing.assert_array_equal, state1.params[scope],
+                             state0.params[scope])
+      continue
+    lr = info1["lr"] * o.lr_mult[group]
+    got_grad = jax.tree_util.tree_map(
+        lambda new, old: (np.float64(old) - np.float64(new)) / (lr * (1 + o.momentum))
+        - o.weight_decay * np.float64(old), state1.params[scope], state0.params[scope])
+    _close(got_grad, info1["grad"][scope], what=f"grad {scope}")
+  _close(state1.params, ref1["params"], what="params after step 1 ")
+  _close(state1.batch_stats, ref1["stats"], what="online batch_stats ")
+  _close(state1.teacher_params, ref1["teacher"], rtol=1e-6, atol=1e-7, what="teacher ")
+  _close(state1.teacher_batch_stats, ref1["teacher_stats"], what="teacher batch_stats ")
+  idx = batches[0]["index"]
+  _close(state1.banks.aad_feat[idx], ref1["aad_feat"][idx], what="aad_feat ")
+  _close(state1.banks.aad_score[idx], ref1["aad_score"][idx], what="aad_score ")
+  _close(state1.banks.aad_feat, ref1["aad_feat"], what="aad_feat (all rows) ")
+  _close(state1.banks.neg_weak, ref1["neg_weak"], what="neg_weak ")
+  _close(state1.banks.neg_strong, ref1["neg_strong"], what="neg_strong ")
+  assert int(state1.banks.neg_weak_ptr) == ref1["neg_weak_ptr"] == BG
+  assert int(state1.banks.neg_strong_ptr) == ref1["neg_strong_ptr"] == BG
+
+  # The loss terms the step reports (the AaD terms are global, the others per-GPU means).
+  for key, want in (("train/aad_attract", info1["aad_pos"]),
+                    ("train/aad_disperse", info1["aad_neg"]),
+                    ("train/class_contrast", info1["contrast"]),
+                    ("train/instance_nce", info1["nce"])):
+    assert float(m1[key]) == pytest.approx(float(want), rel=1e-4, abs=1e-5), key
+
+  # ---- after step 2: the EMA teacher moved 1% of the way to the step-1 online network.
+  m = config.adapt.ema_decay
+  want_teacher = jax.tree_util.tree_map(lambda s, p: m * s + (1 - m) * p, src, ref1["params"])
+  _close(state2.teacher_params, want_teacher, rtol=1e-5, atol=1e-6, what="teacher after step 2 ")
+  _close(state2.teacher_params, ref2["teacher"], rtol=1e-5, atol=1e-6, what="teacher ")
+  _close(state2.params, ref2["params"], rtol=1e-4, atol=1e-5, what="params after step 2 ")
+  _close(state2.batch_stats, ref2["stats"], what="online batch_stats after step 2 ")
+  _close(state2.banks.aad_feat, ref2["aad_feat"], what="aad_feat after step 2 ")
+  _close(state2.banks.aad_score, ref2["aad_score"], what="aad_score after step 2 ")
+  _close(state2.banks.neg_weak, ref2["neg_weak"], what="neg_weak after step 2 ")
+  _close(state2.banks.neg_strong, ref2["neg_strong"], what="neg_strong after step 2 ")
+  assert int(state2.banks.neg_weak_ptr) == ref2["neg_weak_ptr"] == 0    # 8 + 8 >= 12: wraps
+  assert int(state2.banks.neg_strong_ptr) == ref2["neg_strong_ptr"] == 0
+  assert float(m2["count/mask"]) == info2["mask"].sum()
