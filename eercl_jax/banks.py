@@ -1,4 +1,4 @@
-"""The adaptation stage's banks (docs/method.md, "Adaptation: banks") as device arrays, with pure
+"""The adaptation stage's banks (docs/method.md#adaptation-banks) as device arrays, with pure
 functions on them.
 
 Banks are a pytree; every update returns a new one, so the whole training step can be jitted with

@@ -1,4 +1,4 @@
-"""Losses and label maths of the adaptation stage (docs/method.md, "Adaptation").
+"""Losses and label maths of the adaptation stage (docs/method.md#adaptation-stage).
 
 Pure functions, jnp in and out, no state. Every function is jittable with static shapes.
 Small matmuls use HIGHEST precision: they cost nothing at C = 7, and the default GPU precision

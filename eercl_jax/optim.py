@@ -3,8 +3,8 @@
 PyTorch's SGD with coupled weight decay and Nesterov momentum,
   d = g + wd*p; buf = m*buf + d; d = d + m*buf; p -= lr*d,
 is `add_decayed_weights(wd)` followed by optax's nesterov `sgd`; each parameter group (see
-`models.eercl.param_groups`; multipliers per group: `models.registry`) gets its own chain whose learning rate is the schedule times the
-group's multiplier. Frozen groups get no update and no weight decay, as parameters without
+`models.eercl.param_groups`; multipliers per group: `models.registry`) gets its own chain whose
+learning rate is the schedule times the group's multiplier. Frozen groups get no update and no weight decay, as parameters without
 gradients in PyTorch.
 """
 from __future__ import annotations

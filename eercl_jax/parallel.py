@@ -44,15 +44,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def check_global_batch(global_batch: int, mesh: Mesh, name: str = "batch_size") -> None:
-  n = mesh.devices.size
-  if global_batch % n:
-    raise ValueError(f"config.{name}={global_batch} is not divisible by the {n} devices of the mesh")
-  if global_batch % jax.process_count():
-    raise ValueError(f"config.{name}={global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
-
-
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

@@ -1,7 +1,7 @@
 """Stage 2: source-free adaptation of the source model to an unlabelled target list (EERCL).
 
-Per step (docs/method.md, "Adaptation"): EMA update of the teacher, teacher and online forwards
-on the three views with grouped batch norm, AaD neighbour consistency over the teacher feature
+Per step (docs/method.md#adaptation-one-step): EMA update of the teacher, teacher and online
+forwards on the three views with grouped batch norm, AaD neighbour consistency over the teacher feature
 bank, a relation-weighted contrast of the strong views against cluster labels, and a
 relation-weighted InfoNCE against the negative ring buffers. Every `adapt.refresh_every` steps
 the online feature and score banks are refreshed by a full pass over the target list and
@@ -64,7 +64,7 @@ def _ungroup_views(y, groups: int):
 
 def _teacher_forward(model, params, batch_stats, x, groups, perm_rng, dropout_rng):
   """Shuffle-BN: a shared random permutation of the whole teacher input before grouping, inverted
-  after (docs/deviations.md, "Shuffle-BN as one shared permutation")."""
+  after (docs/deviations.md#shuffle-bn-as-a-shared-permutation)."""
   perm = jax.random.permutation(perm_rng, x.shape[0])
   (feat, logits), new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, x[perm], train=True, bn_groups=groups,
@@ -117,7 +117,8 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
     attract, disperse = losses.aad_loss(p_w, neighbours)
     decay = (1.0 + 10.0 * state.step / config.num_steps) ** (-a.aad_decay_power)
     # The original computes AaD on the gathered batch but DDP averages the gradient over its W
-    # GPUs: the effective loss is 1/W of the global one (docs/deviations.md, "AaD scaled by 1/W").
+    # GPUs: the effective loss is 1/W of the global one
+    # (docs/deviations.md#aad-scaling-by-the-virtual-device-count).
     aad = a.aad_weight * (attract + decay * disperse) / config.virtual_devices
     if a.class_contrast_cluster_labels:
       labels = losses.batch_cluster_labels(f_w, banks.prototypes)
@@ -244,7 +245,7 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
 
 
 def _faithful_refresh_rows(n: int, config, refresh_index: int) -> np.ndarray:
-  """The original's drop_last refresh coverage (docs/deviations.md, "Bank refresh coverage"):
+  """The original's drop_last refresh coverage (docs/deviations.md#bank-refresh-coverage):
   each of W virtual devices walks its share of a shuffled list in batches of B and drops its
   final partial batch."""
   w, b = config.virtual_devices, config.batch_size // config.virtual_devices
@@ -279,7 +280,7 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
   g = params["classifier"]["g"]
   if bool(jnp.any(g <= 0)):
     # The relation matrix uses the direction v, as the original; it equals the effective weight
-    # g * v / |v| only if every g > 0 (docs/deviations.md, "Relation matrix from v").
+    # g * v / |v| only if every g > 0 (docs/deviations.md#relation-matrix-from-v).
     logging.warning("classifier g has non-positive entries: the relation matrix uses the "
                     "directions v, which then differ from the effective class weights")
   rows = bank_lib.pad_rows(num_images, mesh.devices.size) if a.shard_banks else num_images
@@ -287,7 +288,7 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
                               config.model.num_classes, neg_size=a.negative_bank_size,
                               faithful_init=a.faithful_bank_init,
                               zero_negatives=a.zero_negative_banks)
-  # Computed once from the frozen classifier (docs/method.md, "Adaptation: relation matrix").
+  # Computed once from the frozen classifier (docs/method.md#adaptation-the-relation-matrix).
   banks = banks.replace(relation=losses.relation_matrix(eercl.class_directions(params),
                                                         a.relation_off_diagonal))
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # distinct buffers: the step donates

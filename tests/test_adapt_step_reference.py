@@ -4,12 +4,13 @@ the original two-GPU PyTorch trainer.
 The reference below is written per GPU, as the original ran: W = 2 GPUs, each holding B images
 in three views and running plain BN over its own 3B rows; all-gathers are rank-major
 concatenations; DDP averages the per-GPU gradients; torch SGD (coupled weight decay, Nesterov)
-runs per parameter group in numpy (the formulas: docs/method.md, "Adaptation"). It shares nothing with the code under test but the network's
-forward (`model.apply` with `bn_groups=1` on one GPU's slice: the network is not what is tested
-here) and the one random draw the port makes for shuffle-BN (the permutation from
-`fold_in(state.rng, state.step)`). What is under test is everything around the network: BN
-grouping of the views, the teacher shuffle, the EMA, the AaD bank write and neighbour query, the
-loss composition and its 1/W scaling, the optimiser groups, and the negative ring buffers.
+runs per parameter group in numpy (the formulas: docs/method.md#adaptation-stage). It shares
+nothing with the code under test but the network's forward (`model.apply` with `bn_groups=1` on
+one GPU's slice: the network is not what is tested here) and the one random draw the port
+makes for shuffle-BN (the permutation from `fold_in(state.rng, state.step)`). What is under test
+is everything around the network: BN grouping of the views, the teacher shuffle, the EMA, the
+AaD bank write and neighbour query, the loss composition and its 1/W scaling, the optimiser
+groups, and the negative ring buffers.
 """
 import typing
 

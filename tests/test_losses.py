@@ -119,7 +119,8 @@ def test_aad_loss_gradients():
 
 
 def test_aad_loss_negative_scores_nan_value_finite_grad():
-  # Faithful randn bank rows (docs/deviations.md#bank-refresh-coverage): the value is NaN (log of a negative), the gradient is -s/B.
+  # Faithful randn bank rows (docs/deviations.md#bank-refresh-coverage): the value is NaN (log of
+  # a negative), the gradient is -s/B.
   s = jnp.asarray(np.array([[[-0.5, 1.5]]], np.float32))
   p = jnp.asarray(np.array([[0.3, 0.7]], np.float32))
   assert np.isnan(float(jax.jit(L.aad_loss)(p, s)[0]))

@@ -1,4 +1,5 @@
-"""Views and RandRangeAug ops: shapes, determinism, the RandRangeAug table of docs/method.md, a few ops by hand."""
+"""Views and RandRangeAug ops: shapes, determinism, the RandRangeAug table of docs/method.md, a
+few ops by hand."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
 """The EERCL network: backbone + the original's feature head + weight-normalised classifier.
 
-Two head stacks, as the original (docs/method.md, "Source stage: the model"); the backbone's
+Two head stacks, as the original (docs/method.md#model-backbones-and-head-stacks); the backbone's
 registry entry (`models/registry.py`) says which one it gets:
   deep head:  backbone -> bottleneck (Dense, BN, ReLU, Dropout) -> mlp (Dense, ReLU, Dropout)
               -> sfda_bottleneck (Dense) -> sfda_bn -> feature f -> classifier     (ViT)
