@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -178,3 +179,89 @@ def test_adaptation_beats_source_only_on_a_reduced_demo(tmp_path_factory):
   before, after = adapted["source_only"]["target"], adapted["final"]["target"]
   assert before == pytest.approx(source["final"]["target"])   # the same evaluation
   assert after > before + 0.03, (before, after)
+
+
+def test_loop_refresh_cadence_new_stream_and_config_reach(data_dir, source_run, monkeypatch,
+                                                          tmp_path):
+  """The loop alone, with the step and the refresh replaced by recorders: the refresh runs before
+  steps 1, 3, 5 (the original's it 0, 2, 4; the teacher only at it 0), each refresh starts a new
+  shuffled stream (the refresh step's own batch comes from the previous one), the stream counter
+  is checkpointed, and the frozen classifier reaches the optimiser."""
+  monkeypatch.chdir(data_dir)
+  config = _config(source_run, num_steps=5)
+  config.checkpoint_every = 5
+  refreshes, seen, frozen_arg = [], [], []
+
+  def fake_refresh(state, target_list, refresh_index, *, embed, config, mesh, with_teacher):
+    del target_list, embed, config, mesh
+    refreshes.append((int(state.step), refresh_index, with_teacher))
+    return state, {"refresh/argmax_acc": 0.0, "refresh/cluster_acc": 0.0}
+
+  def fake_compile(config, model, tx, mesh, state, num_images):
+    del config, model, tx, mesh, state, num_images
+
+    def step(state, batch):
+      seen.append(np.asarray(jax.device_get(batch["index"])))
+      zero = jnp.zeros(())
+      return state.replace(step=state.step + 1), {
+          "train/loss": zero, "count/mask": zero + 1, "count/mask_correct": zero,
+          "count/cluster_mask_correct": zero}
+    return step
+
+  real_for_model = optim.for_model
+
+  def recording_for_model(config, frozen=()):
+    frozen_arg.append(tuple(frozen))
+    return real_for_model(config, frozen=frozen)
+
+  monkeypatch.setattr(train_adapt, "refresh_banks", fake_refresh)
+  monkeypatch.setattr(train_adapt, "compile_adapt_step", fake_compile)
+  monkeypatch.setattr(optim, "for_model", recording_for_model)
+  train_adapt.train_and_evaluate(config, str(tmp_path / "loop"))
+
+  assert refreshes == [(0, 0, True), (2, 1, False), (4, 2, False)]
+  assert frozen_arg == [("classifier",)]
+  target_list, _ = lists.read_run_lists(config.data)
+
+  def stream(k):
+    return iter(pipelines.train_dataset(
+        target_list, views=("weak", "strong", "strong"),
+        view_cfg=pipelines.view_config(config.data), global_batch=config.batch_size,
+        seed=train_adapt._stream_seed(config.seed, k)))   # pylint: disable=protected-access
+  s0, s1, s2 = stream(0), stream(1), stream(2)
+  want = [next(s0), next(s1), next(s1), next(s2), next(s2)]   # steps 1..5
+  for step, (got, exp) in enumerate(zip(seen, want), 1):
+    np.testing.assert_array_equal(got, exp["index"], err_msg=f"step {step}")
+  from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  _, meta = checkpoints.read_meta(str(tmp_path / "loop" / "checkpoints"))
+  assert meta["stream"] == 3
+
+  config.adapt.fix_classifier = False
+  frozen_arg.clear()
+  config.num_steps = 1
+  train_adapt.train_and_evaluate(config, str(tmp_path / "unfrozen"))
+  assert frozen_arg == [()]
+
+
+def test_refresh_reads_its_config(data_dir, source_run, monkeypatch):
+  """refresh_view, refresh_batch_size and the refresh index (the epoch of the weak view's
+  randomness) reach the evaluation pass that fills the banks."""
+  monkeypatch.chdir(data_dir)
+  config = _config(source_run)
+  config.adapt.refresh_view, config.adapt.refresh_batch_size = "test", 32
+  calls = []
+  real = pipelines.eval_batches
+
+  def recording(fer_list, **kw):
+    calls.append({k: kw[k] for k in ("view", "batch_size", "epoch")})
+    return real(fer_list, **kw)
+  monkeypatch.setattr(pipelines, "eval_batches", recording)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = eercl.create_model(config.model)
+  tx = optim.for_model(config, frozen=("classifier",))
+  variables, _ = train_adapt.load_source_variables(config, model, mesh)
+  target_list, _ = lists.read_run_lists(config.data)
+  state = train_adapt.create_state(config, model, tx, variables, len(target_list), mesh)
+  train_adapt.refresh_banks(state, target_list, 3, embed=train_adapt._make_embed(model, config),  # pylint: disable=protected-access
+                            config=config, mesh=mesh, with_teacher=False)
+  assert calls == [{"view": "test", "batch_size": 32, "epoch": 3}]
