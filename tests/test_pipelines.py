@@ -177,3 +177,75 @@ def test_two_workers_match_in_process_and_resume_across_worker_counts(fer_list):
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 2), in_process[2:])
   _assert_batches_equal(_eval(fer_list, num_workers=2), _eval(fer_list))
+
+
+# ------------------------------------------------- epoch edges for other list lengths / batches
+
+
+@pytest.fixture(scope="module")
+def fer_list_of_length(tmp_path_factory):
+  """n -> a list of n tiny PNGs (built once per n)."""
+  built = {}
+
+  def make(n):
+    if n not in built:
+      root = tmp_path_factory.mktemp(f"fer{n}")
+      os.makedirs(root / "d")
+      lines = []
+      for i in range(n):
+        pixels = np.random.default_rng(100 + i).integers(0, 256, (6, 5 + i % 2, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"d/{i:02d}.png")
+        lines.append(f"d/{i:02d}.png {i % 3}\n")
+      (root / "list.txt").write_text("".join(lines))
+      built[n] = lists.read_list(str(root / "list.txt"), str(root), CLASSES)
+    return built[n]
+
+  return make
+
+
+@pytest.mark.parametrize("n, batch", [(12, 4), (12, 6), (12, 12), (13, 4), (13, 6)])
+def test_epoch_boundaries_follow_drop_last(fer_list_of_length, n, batch):
+  fer = fer_list_of_length(n)
+  steps = n // batch  # written out here: a batch that divides the list drops nothing
+  assert P.steps_per_epoch(n, batch) == steps
+  assert [P.epoch_of_step(s, num_examples=n, global_batch=batch) for s in range(3 * steps + 1)] \
+      == [s // steps for s in range(3 * steps + 1)]
+  assert P.epoch_of_step(steps, num_examples=n, global_batch=batch, start_epoch=5) == 6
+  batches = _take(_train(fer, global_batch=batch), 3 * steps)
+  epochs = []
+  for e in range(3):
+    seen = np.concatenate([b["index"] for b in batches[e * steps:(e + 1) * steps]])
+    perm = P.epoch_permutation(7, e, n)
+    np.testing.assert_array_equal(seen, perm[:steps * batch])
+    # Only the incomplete last batch (n % batch images) is dropped; the rest is seen once.
+    assert len(set(seen.tolist())) == len(seen) == n - n % batch
+    assert sorted(seen.tolist() + perm[steps * batch:].tolist()) == list(range(n))
+    # The first image of each epoch is augmented with that epoch's generator.
+    first = batches[e * steps]
+    rng, = P.view_rngs(7, e, int(first["index"][0]), 1)
+    expected = T.weak_view(T.load_image(fer.paths[first["index"][0]]), rng, CFG.resize, CFG.crop)
+    np.testing.assert_array_equal(first["image"][0], expected)
+    epochs.append(seen)
+  for a in range(3):
+    for b in range(a + 1, 3):
+      assert not np.array_equal(epochs[a], epochs[b])  # each epoch is a new order
+
+
+def test_list_shorter_than_one_global_batch(fer_list_of_length):
+  fer = fer_list_of_length(12)
+  # Training refuses a list that cannot fill one batch (it would have zero steps per epoch)...
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    P.train_dataset(fer, views=("weak",), view_cfg=CFG, global_batch=13, seed=0)
+  # ...while evaluation pads the single batch and marks the padding invalid.
+  b, = _eval(fer, batch_size=16)
+  np.testing.assert_array_equal(b["index"], list(range(12)) + [11] * 4)
+  np.testing.assert_array_equal(b["valid"], [True] * 12 + [False] * 4)
+
+
+@pytest.mark.parametrize("batch", [4, 6, 12])
+def test_eval_when_batch_divides_the_list_has_no_padding_batch(fer_list_of_length, batch):
+  fer = fer_list_of_length(12)
+  batches = _eval(fer, batch_size=batch)
+  assert len(batches) == 12 // batch
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(12))
+  assert all(b["valid"].all() for b in batches)

@@ -3,7 +3,7 @@ few ops by hand."""
 import math
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 import pytest
 
 from eercl_jax.data import lists, transforms as T
@@ -261,3 +261,167 @@ def test_shear_moves_lower_rows_right():
   out = T.shear_y(np.swapaxes(img, 0, 1), 0.3)  # horizontal line at y = 4 -> y' = 4 + 0.3 x
   for x in (0, 10, 19):
     assert abs(int(np.argmax(out[:, x, 0])) - (4 + 0.3 * x)) <= 1
+
+
+# ----------------------------------------------------------------- colour ops on colour images
+# Reference restatements in float64 numpy. Greyscale is ITU-R 601 luma (OpenCV's and Pillow's
+# RGB -> grey), not the plain mean of R, G and B: on pure primaries the two differ by 9..65 levels.
+
+
+def _luma(img):
+  return np.rint(img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+
+
+def _blend_ref(img, degenerate, factor):
+  out = img.astype(np.float64) * factor + np.asarray(degenerate, np.float64) * (1 - factor)
+  return np.clip(out, 0, 255).astype(np.uint8)  # truncated, as mmcv's float path
+
+
+def _colour_image(kind):
+  if kind in ("red", "green", "blue"):
+    img = np.zeros((6, 7, 3), np.uint8)
+    img[..., ("red", "green", "blue").index(kind)] = 255
+    return img
+  # Mostly saturated green and red (so the mean luma is far from the mean of R, G, B) plus noise.
+  img = np.random.default_rng(5).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+  img[:4] = (0, 255, 0)
+  img[4:6, :5] = (255, 0, 0)
+  img[6:, :3] = (0, 0, 255)
+  return img
+
+
+def _assert_close(actual, expected, atol=1):
+  assert actual.dtype == np.uint8 and actual.shape == expected.shape
+  np.testing.assert_allclose(actual.astype(int), expected.astype(int), atol=atol, rtol=0)
+
+
+FACTORS = (0.0, 0.5, -0.9, 1.28, 2.9)  # the enhancement quirk gives factors in [-0.9, 2.9]
+
+
+@pytest.mark.parametrize("kind", ["red", "green", "blue", "mixed"])
+def test_color_blends_with_luma_on_colour_images(kind):
+  img = _colour_image(kind)
+  for factor in FACTORS:
+    _assert_close(T.color(img, factor), _blend_ref(img, _luma(img)[..., None], factor))
+    # Pillow's ImageEnhance.Color (the op mmcv copies) agrees to within one level too.
+    pil = np.asarray(ImageEnhance.Color(Image.fromarray(img)).enhance(factor))
+    _assert_close(T.color(img, factor), pil)
+  primary_grey = {"red": 76, "green": 150, "blue": 29}  # round(255 * 0.299 / 0.587 / 0.114)
+  if kind in primary_grey:
+    assert (T.color(img, 0.0) == primary_grey[kind]).all()
+
+
+@pytest.mark.parametrize("kind", ["red", "green", "blue", "mixed"])
+def test_contrast_blends_with_the_mean_luma_on_colour_images(kind):
+  img = _colour_image(kind)
+  mean = np.round(_luma(img).mean())
+  for factor in FACTORS:
+    _assert_close(T.contrast(img, factor), _blend_ref(img, mean, factor))
+    pil = np.asarray(ImageEnhance.Contrast(Image.fromarray(img)).enhance(factor))
+    _assert_close(T.contrast(img, factor), pil)
+  assert (T.contrast(img, 0.0) == mean).all()  # factor 0: the flat mean-luma image
+
+
+def test_brightness_on_colour_images():
+  img = _colour_image("mixed")
+  for factor in FACTORS:
+    _assert_close(T.brightness(img, factor), _blend_ref(img, 0, factor))
+    pil = np.asarray(ImageEnhance.Brightness(Image.fromarray(img)).enhance(factor))
+    _assert_close(T.brightness(img, factor), pil)
+
+
+def _channels_with_different_ranges():
+  """R spans 10..60, G 100..199, B is constant: each channel needs its own stretch/LUT."""
+  img = np.zeros((10, 10, 3), np.uint8)
+  img[..., 0] = np.arange(100).reshape(10, 10) % 51 + 10
+  img[..., 1] = np.arange(100).reshape(10, 10) + 100
+  img[..., 2] = 77
+  return img
+
+
+def test_auto_contrast_stretches_each_channel_on_its_own():
+  img = _channels_with_different_ranges()
+  out = T.auto_contrast(img)
+  expected = img.copy()
+  for c in range(2):
+    lo, hi = int(img[..., c].min()), int(img[..., c].max())
+    expected[..., c] = ((img[..., c] - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+  _assert_close(out, expected)
+  assert out[..., 0].min() == 0 and out[..., 0].max() == 255  # reached only per channel
+  assert out[..., 1].min() == 0 and out[..., 1].max() >= 254
+  np.testing.assert_array_equal(out[..., 2], 77)  # a constant channel is left alone
+  np.testing.assert_array_equal(out, np.asarray(ImageOps.autocontrast(Image.fromarray(img))))
+
+
+def test_equalize_uses_each_channels_own_histogram():
+  # 1600 pixels (enough for a non-zero LUT step, n / 255) with a different histogram per channel.
+  rng = np.random.default_rng(1)
+  img = np.stack([(rng.random((40, 40)) ** 2 * 100).astype(np.uint8),  # skewed to dark
+                  rng.integers(100, 200, (40, 40)).astype(np.uint8),   # uniform, bright
+                  rng.choice(np.array([30, 200], np.uint8), (40, 40), p=[0.3, 0.7])], -1)
+  out = T.equalize(img)
+  np.testing.assert_array_equal(out, np.asarray(ImageOps.equalize(Image.fromarray(img))))
+  for c in range(3):  # each channel equals equalising it as a grey image
+    assert not np.array_equal(out[..., c], img[..., c])
+    grey = np.repeat(img[..., c:c + 1], 3, axis=-1)
+    np.testing.assert_array_equal(out[..., c], T.equalize(grey)[..., 0])
+
+
+def test_posterize_and_solarize_on_colour_images():
+  img = _colour_image("mixed")
+  pil = Image.fromarray(img)
+  for bits in (5, 6, 7, 8):
+    np.testing.assert_array_equal(T.posterize(img, bits), np.asarray(ImageOps.posterize(pil, bits)))
+  for threshold in (25.6, 128, 204.8, 256):
+    expected = np.where(img < threshold, img, 255 - img)  # per channel, not on the luma
+    np.testing.assert_array_equal(T.solarize(img, threshold), expected)
+  np.testing.assert_array_equal(T.solarize(img, 128), np.asarray(ImageOps.solarize(pil, 128)))
+
+
+# --------------------------------------------------------------- the range of random offsets
+
+
+def _coordinate_image(h, w):
+  """Pixel (y, x) holds (y, x, 0), so a crop's first pixel is its offset."""
+  y, x = np.mgrid[:h, :w]
+  return np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)
+
+
+def test_weak_view_offsets_cover_0_to_resize_minus_crop_and_flip_is_fair():
+  resize, crop, draws = 40, 8, 2000  # offsets 0..32 on each axis, as with the default 256/224
+  img = _coordinate_image(resize, resize)  # already resize x resize, so the resize is a no-op
+  counts = np.zeros((2, resize - crop + 1), int)
+  flips = 0
+  for seed in range(draws):
+    out = T.weak_view(img, _rng(seed), resize, crop)
+    flipped = out[0, 0, 1] > out[0, 1, 1]
+    y = int(out[0, 0, 0])
+    x = resize - 1 - int(out[0, 0, 1]) if flipped else int(out[0, 0, 1])
+    src = img[:, ::-1] if flipped else img
+    assert np.array_equal(out, src[y:y + crop, x:x + crop])
+    counts[0, y] += 1
+    counts[1, x] += 1
+    flips += flipped
+  # Both extremes (0 and resize - crop) are reached; 2000 / 33 = 61 per offset, sd ~8.
+  assert counts.min() >= 30 and counts.max() <= 95, counts
+  assert 0.45 < flips / draws < 0.55
+
+
+def test_random_resized_crop_offsets_reach_every_border(monkeypatch):
+  # Skip the final resize, so the output is the crop box itself and its first pixel its offset.
+  monkeypatch.setattr(T, "_resize", lambda img, height, width: img)
+  height, width = 16, 24
+  img = _coordinate_image(height, width)
+  at_start, at_end, spans = np.zeros(2, int), np.zeros(2, int), []
+  for seed in range(2000):
+    out = T.random_resized_crop(img, _rng(seed), size=8)
+    y, x = int(out[0, 0, 0]), int(out[0, 0, 1])
+    h, w = out.shape[:2]
+    assert np.array_equal(out, img[y:y + h, x:x + w])
+    for axis, (offset, free) in enumerate(((y, height - h), (x, width - w))):
+      if free > 0:  # the box can move on this axis: offset uniform in 0..free
+        at_start[axis] += offset == 0
+        at_end[axis] += offset == free
+        spans.append(offset / free)
+  assert (at_start > 20).all() and (at_end > 20).all(), (at_start, at_end)
+  assert abs(np.mean(spans) - 0.5) < 0.03
