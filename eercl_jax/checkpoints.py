@@ -43,6 +43,16 @@ class RunCheckpoints:
   def latest_step(self):
     return self.latest.latest_step()
 
+  def drop_best_after(self, step: int) -> list[int]:
+    """Deletes best/ checkpoints newer than `step`. A run killed between a best/ save and the
+    next latest save leaves best/ ahead of checkpoints/; the rerun recomputes those steps and
+    saves them again (orbax refuses to save a step that exists, which would fail every rerun).
+    Returns the dropped steps."""
+    dropped = [s for s in self.best.all_steps() if s > step]
+    for s in dropped:
+      self.best.delete(s)
+    return dropped
+
   def restore_latest(self, abstract_state: Any):
     """Returns (state, data_state, meta) of the latest checkpoint, or None if there is none."""
     step = self.latest.latest_step()

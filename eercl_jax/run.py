@@ -23,14 +23,29 @@ index `it` is `step - 1`.)
 
 A stage keeps what else it must remember across a resume in a typed record: a dataclass whose
 fields are saved in each checkpoint's metadata and restored with it.
+
+Cluster safety, also here: process 0 holds an exclusive lock on the workdir for the run's
+lifetime; no state with a non-finite value is ever saved (the run stops with an error naming
+the step and the non-finite terms, and the last good checkpoint stays); SIGTERM / SIGINT finish
+the current step, write a checkpoint and exit with `PREEMPTED_EXIT_CODE`, so a scheduler can
+requeue the same command, which resumes.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
+import signal
+import socket
+import threading
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from eercl_jax import checkpoints, config_defaults, evaluation, logs, optim, parallel
 from eercl_jax.models import registry
@@ -40,6 +55,104 @@ def itstime(step: int, every: int, total: int | None = None) -> bool:
   """Is a periodic action due after `step`? At every multiple of `every`, and at the last step
   `total` when given."""
   return (every > 0 and step % every == 0) or (total is not None and step == total)
+
+
+# EX_TEMPFAIL: "try again later". A preempted run exits with it after its checkpoint is written;
+# rerunning the same command resumes (launch/slurm.sbatch requeues on it).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint of a SIGTERM / SIGINT is written."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.signum, self.step = signum, step
+
+
+class WorkdirLock:
+  """An exclusive lock file `<workdir>/run.lock` naming its holder's host and pid.
+
+  A second run on the same workdir is refused with the holder's name; a lock whose process is
+  gone (same host, pid not alive) is stale and taken over. Re-entrant within one process (a
+  process runs one loop at a time). Only process 0 of a multi-process run takes it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "run.lock")
+    self.held = False
+
+  def acquire(self) -> None:
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder == me:
+          break
+        if holder is not None and holder.get("host") == me["host"] and \
+            not _pid_alive(holder.get("pid")):
+          logging.warning("taking over the stale lock %s of %s (process gone)", self.path, holder)
+          _remove(self.path)
+          continue
+        if holder is None:   # being written by its creator right now, or empty: look again
+          continue
+        raise RuntimeError(
+            f"workdir {os.path.dirname(self.path)!r} is in use by another run (host "
+            f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, use another "
+            f"--workdir, or delete {self.path} if that run is dead")
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      break
+    else:
+      raise RuntimeError(f"could not take the lock {self.path}")
+    self.held = True
+    atexit.register(self.release)
+
+  def release(self) -> None:
+    if self.held and self._holder() == {"host": socket.gethostname(), "pid": os.getpid()}:
+      _remove(self.path)
+    self.held = False
+
+  def _holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+
+def _pid_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, ValueError, TypeError):
+    return False
+  except PermissionError:   # alive, owned by someone else
+    return True
+  return True
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
+@jax.jit
+def _finite_leaves(tree):
+  """A bool per floating-point leaf: all its values are finite (one device reduction)."""
+  return [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def non_finite_paths(tree) -> list[str]:
+  """Paths of the floating-point leaves of `tree` holding a NaN or an infinity."""
+  paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jax.device_get(_finite_leaves(tree))
+  return [p for p, fine in zip(paths, ok) if not fine]
 
 
 @dataclasses.dataclass
@@ -67,6 +180,10 @@ class Run:
     self.config, self.workdir, self.stage = config, workdir, stage
     self.log_keys, self.selection_note = tuple(log_keys), selection_note
     self.ratios = dict(ratios or {})
+    os.makedirs(workdir, exist_ok=True)
+    self.lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+      self.lock.acquire()
     logs.setup_file_log(workdir)
     self.writer = logs.create_writer(workdir)
     self.mesh = parallel.create_mesh()
@@ -80,6 +197,9 @@ class Run:
     self._schedule = optim.make_schedule(config.optim)
     self._backbone_mult = registry.lr_mult(config.model, config.optim)["backbone"]
     self._predict = self._evals = None
+    self._last_scalars: dict[str, float] = {}
+    self._stop_signal = 0
+    self._install_signal_handlers()
 
   # -------------------------------------------------------------------------------- start-up
 
@@ -106,6 +226,10 @@ class Run:
       logging.info("resumed from %s at step %d (%s stage)", self.ckpt.latest.directory,
                    int(state.step), self.stage)
     self.start_step = int(state.step)
+    dropped = self.ckpt.drop_best_after(self.start_step)
+    if dropped:
+      logging.info("best/ held step(s) %s past the resumed step %d (a kill between saves): "
+                   "dropped, they are recomputed", dropped, self.start_step)
     self._progress = logs.Progress(self.start_step, self.config.num_steps)
     return state, record, iterator_state
 
@@ -121,12 +245,19 @@ class Run:
     checkpoint when each is due."""
     c = self.config
     self._running.add(metrics)
-    if itstime(step, c.log_every, c.num_steps):
+    logged = itstime(step, c.log_every, c.num_steps)
+    if logged:
       self.log_training(step)
+      self.check_finite(step, state)
     if itstime(step, c.eval_every, c.num_steps):
       self.evaluate_and_select(step, state, record)
-    if itstime(step, c.checkpoint_every, c.num_steps):
+    saved = itstime(step, c.checkpoint_every, c.num_steps)
+    if saved:
       self.save(step, state, iterator, record)
+    if self._stop_requested(step, logged):
+      if not saved:
+        self.save(step, state, iterator, record)
+      self._stop(step)
 
   def log_training(self, step: int) -> dict[str, float]:
     """Means over the steps since the last log, plus the `ratios` of summed counts."""
@@ -139,6 +270,10 @@ class Run:
     # The learning rate of the step just taken (its schedule index is step - 1).
     scalars["train/lr"] = float(self._schedule(step - 1)) * self._backbone_mult
     self.writer.write_scalars(step, scalars)
+    self._last_scalars = scalars
+    bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
+    if bad:
+      logging.warning("step %d: non-finite logged terms %s", step, bad)
     shown = " ".join(f"{label}={scalars[key]:{fmt}}" for key, label, fmt in self.log_keys
                      if key in scalars)
     logging.info("step %d/%d %s lr=%.2e %.2f steps/s ETA %s", step, self.config.num_steps,
@@ -154,7 +289,21 @@ class Run:
       evaluation.save_confusions(self.workdir, step, results)
     return results
 
+  def check_finite(self, step: int, state: Any) -> None:
+    """Stops the run if the state holds a NaN or an infinity, naming the step, the parameters
+    and the training terms that are not finite; nothing of it has been saved."""
+    bad = non_finite_paths(state)
+    if not bad:
+      return
+    terms = sorted(k for k, v in self._last_scalars.items() if not np.isfinite(v))
+    raise FloatingPointError(
+        f"non-finite values in the training state at step {step} (the last logged terms that "
+        f"are not finite: {terms or 'none'}): {', '.join(bad[:8])}"
+        + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        + f"; the last good checkpoint in {self.ckpt.latest.directory} is kept")
+
   def evaluate_and_select(self, step: int, state: Any, record: Any = None) -> dict:
+    self.check_finite(step, state)
     select_by = self.config.data.select_by
     self.results = self.evaluate(step, _variables(state))
     value = self.results[select_by]["accuracy"]
@@ -170,6 +319,7 @@ class Run:
 
   def save(self, step: int, state: Any, iterator: Any, record: Any = None) -> None:
     """A resumable checkpoint: state, the iterator's position, the record."""
+    self.check_finite(step, state)
     data = {"iterator": checkpoints.encode_data_state(iterator.get_state())}
     self.ckpt.save(step, state, data, self._meta(step, record))
 
@@ -186,6 +336,7 @@ class Run:
     source-only ones when given). Returns {'final', 'best', 'results'}."""
     self.writer.flush()
     self.ckpt.close()
+    self.lock.release()
     if not self.results:   # resumed after the last step: evaluate once for the summary
       self.results = evaluation.evaluate_lists(self._predict, _variables(state), self._evals,
                                                self.config, self.mesh)
@@ -201,6 +352,42 @@ class Run:
     logging.info("final (step %d): %s; %s", self.config.num_steps, summary, best)
     print(f"[{self.stage}] final: {summary}; {best}", flush=True)
     return {"final": final, "best": dataclasses.asdict(self.best), "results": self.results}
+
+
+  # ------------------------------------------------------------------------------ preemption
+
+  def _install_signal_handlers(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return   # signals reach the main thread only (e.g. a run inside a test thread)
+
+    def request_stop(signum, frame):
+      del frame
+      if self._stop_signal:          # a second signal: stop now
+        raise KeyboardInterrupt
+      self._stop_signal = signum
+      logging.warning("received %s: finishing the step, then a checkpoint and exit %d",
+                      signal.Signals(signum).name, PREEMPTED_EXIT_CODE)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, request_stop)
+
+  def _stop_requested(self, step: int, logged: bool) -> bool:
+    del step
+    if jax.process_count() == 1:
+      return bool(self._stop_signal)
+    # All processes must stop at the same step (the checkpoint is collective); agreeing costs a
+    # host sync, so they compare their flags at the logging steps only.
+    if not logged:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self._stop_signal))
+    return bool(np.max(flags))
+
+  def _stop(self, step: int) -> None:
+    logging.warning("preempted: checkpoint written at step %d; rerun the same command to resume",
+                    step)
+    self.writer.flush()
+    self.ckpt.close()
+    self.lock.release()
+    raise Preempted(self._stop_signal or signal.SIGTERM, step)
 
 
 def _variables(state) -> dict:

@@ -26,6 +26,7 @@ from eercl_jax import banks as bank_lib
 from eercl_jax import checkpoints, losses, optim, parallel
 from eercl_jax.data import lists, pipelines
 from eercl_jax.models import eercl, layers
+from eercl_jax import run as run_lib
 from eercl_jax.run import Run
 
 
@@ -269,6 +270,10 @@ def load_source_variables(config, model, mesh) -> tuple[dict, int]:
   checkpoints.check_model_meta(meta, config, directory)
   variables, step = checkpoints.restore_variables(directory, model, config.data.crop,
                                                   parallel.replicated(mesh))
+  bad = run_lib.non_finite_paths(variables)
+  if bad:
+    raise ValueError(f"the source model in {directory} (step {step}) holds non-finite values "
+                     f"in {', '.join(bad[:5])}: refusing to adapt it")
   logging.info("loaded source model from %s (step %d)", directory, step)
   return variables, step
 

@@ -102,3 +102,108 @@ def test_resume_refuses_another_architecture(tmp_path, monkeypatch):
   other = run_lib.Run(c, workdir, "source")
   with pytest.raises(ValueError, match="model.size: checkpoint 'mu/8' vs config 'Ti/8'"):
     other.resume(state)
+
+
+def _toy_state(step=0, value=0.0):
+  return ToyState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, value)},
+                  batch_stats={})
+
+
+def _drive(r, state, record, stop_after=None):
+  for step in r.steps():
+    state = state.replace(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, step)})
+    record.stream = step
+    r.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
+    if step == stop_after:
+      r.ckpt.close()
+      return None
+  return r.finish(state)
+
+
+def test_a_kill_between_a_best_save_and_the_next_checkpoint_does_not_block_the_rerun(
+    tmp_path, monkeypatch):
+  accs = [0.1, 0.5, 0.9, 0.9, 0.2, 0.3]
+  whole = _run(str(tmp_path / "whole"), accs, monkeypatch)
+  state, record, _ = whole.resume(_toy_state(), ToyRecord())
+  want = _drive(whole, state, record)
+
+  # Killed after step 3: best/3 saved, the latest checkpoint is still step 2.
+  workdir = str(tmp_path / "killed")
+  r = _run(workdir, accs, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record, stop_after=3)
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["3"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  r2 = _run(workdir, accs[2:], monkeypatch)   # resumes at step 2: evaluations 3..6
+  state, record, _ = r2.resume(_toy_state(), ToyRecord())
+  got = _drive(r2, state, record)            # saving best/3 again must not fail
+  assert got["best"] == want["best"] == {"value": 0.9, "step": 4}
+  assert got["final"] == want["final"]
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["4"]
+
+
+def test_non_finite_state_stops_the_run_and_is_never_saved(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "nan")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  for step in r.steps():
+    w = jnp.full(3, float(step)).at[1].set(jnp.nan if step == 3 else 0.0)
+    state = state.replace(step=jnp.asarray(step, jnp.int32), params={"w": w})
+    if step < 3:
+      r.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
+      continue
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*\['w'\]"):
+      r.end_of_step(step, state, {"train/loss": jnp.asarray(jnp.nan)}, ToyIterator(step), record)
+    break
+  r.ckpt.close()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["2"]
+  assert run_lib.non_finite_paths({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf]),
+                                   "i": jnp.arange(2)}) == ["['b']"]
+
+
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+  import json  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  lock = workdir / "run.lock"
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+    with pytest.raises(RuntimeError, match=f"in use by another run .*pid {live.pid}"):
+      _run(str(workdir), [0.5], monkeypatch)
+    assert json.loads(lock.read_text())["pid"] == live.pid     # the holder keeps its lock
+  finally:
+    live.kill()
+    live.wait()
+  # The holder is gone: its lock is stale and the next run takes it over, then releases it.
+  r = _run(str(workdir), [0.5] * 6, monkeypatch)
+  assert json.loads(lock.read_text())["pid"] == os.getpid()
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record)
+  assert not lock.exists()
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_preempted_code(
+    tmp_path, monkeypatch):
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "term")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  with pytest.raises(run_lib.Preempted) as exc:
+    for step in r.steps():
+      state = state.replace(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, step)})
+      if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-step: the step still completes
+      r.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
+  assert exc.value.code == run_lib.PREEMPTED_EXIT_CODE and exc.value.step == 3
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+  r2 = _run(workdir, [0.5] * 3, monkeypatch)
+  _, _, it_state = r2.resume(_toy_state(), ToyRecord())
+  assert r2.start_step == 3 and it_state["position"] == 3
+  r2.ckpt.close()
+  r2.lock.release()

@@ -265,3 +265,21 @@ def test_refresh_reads_its_config(data_dir, source_run, monkeypatch):
   train_adapt.refresh_banks(state, target_list, 3, embed=train_adapt._make_embed(model, config),  # pylint: disable=protected-access
                             config=config, mesh=mesh, with_teacher=False)
   assert calls == [{"view": "test", "batch_size": 32, "epoch": 3}]
+
+
+def test_a_non_finite_source_model_is_refused(data_dir, source_run, monkeypatch, tmp_path):
+  from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(data_dir)
+  config = _config(source_run)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = eercl.create_model(config.model)
+  variables, step = train_adapt.load_source_variables(config, model, mesh)
+  variables = jax.tree_util.tree_map(np.array, jax.device_get(variables))   # writable copies
+  variables["params"]["sfda_bn"]["scale"][0] = np.nan
+  _, meta = checkpoints.read_meta(os.path.join(source_run, "best"))
+  ckpt = checkpoints.RunCheckpoints(str(tmp_path / "nan_source"))
+  ckpt.save(step, variables, {"iterator": None}, meta, best=True)
+  ckpt.close()
+  config.source_checkpoint = str(tmp_path / "nan_source")
+  with pytest.raises(ValueError, match=r"non-finite values in \['params'\]\['sfda_bn'\]\['scale'\]"):
+    train_adapt.load_source_variables(config, model, mesh)
