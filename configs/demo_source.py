@@ -13,7 +13,6 @@ def get_config():
   c.data.synthetic.image_size = 32
   c.data.resize, c.data.crop = 36, 32
   c.data.num_workers = 0
-  c.data.check_images = "exists"
   c.model.size = "mu/8"
   c.model.bottleneck_dim, c.model.width, c.model.feat_dim = 128, 128, 64
   c.model.dropout = 0.1

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 ITEMS = ("state", "data", "meta")
 
@@ -42,6 +43,11 @@ class RunCheckpoints:
 
   def latest_step(self):
     return self.latest.latest_step()
+
+  def latest_meta(self) -> dict:
+    """The metadata of the latest checkpoint (read without restoring its state)."""
+    step = self.latest.latest_step()
+    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def drop_best_after(self, step: int) -> list[int]:
     """Deletes best/ checkpoints newer than `step`. A run killed between a best/ save and the
@@ -116,6 +122,9 @@ def resolve_run_dir(path: str, which: str = "best", what: str = "checkpoint") ->
   order = ("best", "checkpoints") if which == "best" else ("checkpoints",)
   for sub in order:
     if os.path.isdir(os.path.join(path, sub)):
+      if sub != order[0]:
+        logging.warning("%s has no %s/ folder: using its latest checkpoint in %s/ instead",
+                        path, order[0], sub)
       return os.path.join(path, sub)
   return path
 
@@ -191,3 +200,42 @@ def decode_data_state(state: Any) -> Any:
   if isinstance(state, list):
     return [decode_data_state(v) for v in state]
   return state
+
+
+# Config fields that fix array shapes or the data stream: resuming with other values would not
+# continue the same run. Everything else may change on a resume (logged): cadences, num_steps
+# (not below the checkpoint's step), worker counts, paths of evaluation lists, ...
+RESUME_FIXED = ("stage", "seed", "batch_size", "bn_group_size", "virtual_devices", "model.",
+                "data.train_list", "data.class_names", "data.resize", "data.crop", "data.mean",
+                "data.std", "adapt.negative_bank_size", "adapt.shard_banks",
+                "adapt.refresh_every", "adapt.faithful_bank_init", "source_checkpoint")
+_RESUME_FREE = ("model.init_from", "model.remat")   # used only at start, or numerically neutral
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def check_resume_config(stored: dict, config, step: int, where: str) -> None:
+  """Before restoring: the stored config of a checkpoint against the current one. Differences
+  in fields that change shapes or the data stream are an error listing each (old -> new);
+  others are logged. A `num_steps` below the checkpoint's step is an error."""
+  old, new = _flat(stored), _flat(config_json(config))
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  fixed = [k for k in changed if k.startswith(RESUME_FIXED) and k not in _RESUME_FREE
+           and k != "per_device_batch_size"]
+  if fixed:
+    raise ValueError(
+        f"cannot resume {where} (step {step}) with this config: these fields change shapes or "
+        "the data stream (use a new --workdir, or restore the old values):\n  "
+        + "\n  ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fixed))
+  if config.num_steps < step:
+    raise ValueError(f"config.num_steps={config.num_steps} is below the step {step} of the "
+                     f"checkpoint in {where}: the run would end before it starts")
+  for k in changed:
+    logging.info("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))

@@ -35,6 +35,7 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       "std": IMAGENET_STD,
       "check_images": "decode",          # 'decode' | 'exists' | 'none': validated before training
       "skip_bad_images": False,          # True: skip (count, log) missing/unreadable images
+      "allow_outside_root": False,       # True: list paths may be absolute or climb out of root
       "num_workers": 8,                  # grain decoding worker processes (0 = in-process)
       # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
       "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,

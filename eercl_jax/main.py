@@ -5,7 +5,9 @@ adaptation). Rerunning the same command resumes from the latest checkpoint in th
 """
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,14 +36,28 @@ def main(argv):
   parallel.resolve_batch_sizes(config)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   logging.info("config:\n%s", config)
-  if config.stage == "source":
-    from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
-    train_source.train_and_evaluate(config, _WORKDIR.value)
-  elif config.stage == "adapt":
-    from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
-    train_adapt.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    raise ValueError(f"config.stage must be 'source' or 'adapt', got {config.stage!r}")
+  try:
+    if config.stage == "source":
+      from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+      train_source.train_and_evaluate(config, _WORKDIR.value)
+    elif config.stage == "adapt":
+      from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
+      train_adapt.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      raise ValueError(f"config.stage must be 'source' or 'adapt', got {config.stage!r}")
+  except Exception as e:  # pylint: disable=broad-except
+    _report_fatal(e)
+    raise
+
+
+def _report_fatal(error: Exception) -> None:
+  """One line naming the fatal error, last in the log and last on stderr: background threads
+  (checkpoint writers, data workers) may print pages of secondary errors while the process
+  shuts down, which would otherwise bury the cause."""
+  line = f"FATAL {type(error).__name__}: {error}".replace("\n", " | ")
+  logging.exception("the run stopped with an error")
+  logging.error("%s", line)
+  atexit.register(lambda: print(line, file=sys.stderr, flush=True))
 
 
 def _hide_accelerators_from_tensorflow():

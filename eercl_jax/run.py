@@ -211,12 +211,17 @@ class Run:
   def resume(self, state: Any, record: Any = None) -> tuple[Any, Any, Any]:
     """(state, record, iterator state) of the workdir's latest checkpoint; the given initial
     state and record (and None) when there is none. The checkpoint's model must match the
-    config."""
-    restored = self.ckpt.restore_latest(checkpoints.abstract_like(state))
+    config, and the config may differ from the checkpoint's only in fields that change neither
+    shapes nor the data stream (`checkpoints.check_resume_config`)."""
+    latest = self.ckpt.latest_step()
     iterator_state = None
-    if restored is not None:
-      state, data, meta = restored
-      checkpoints.check_model_meta(meta, self.config, self.ckpt.latest.directory)
+    if latest is not None:
+      # Checked before the restore, whose shape errors would not say which setting differs.
+      where = self.ckpt.latest.directory
+      meta = self.ckpt.latest_meta()
+      checkpoints.check_model_meta(meta, self.config, str(where))
+      checkpoints.check_resume_config(meta.get("config", {}), self.config, latest, str(where))
+      state, data, meta = self.ckpt.restore_latest(checkpoints.abstract_like(state))
       self.best = Best(**meta.get("best", {}))
       if record is not None:
         fields = {f.name for f in dataclasses.fields(record)}

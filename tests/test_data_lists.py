@@ -124,3 +124,68 @@ def test_all_skipped_is_the_empty_list_error(tmp_path, root):
 def test_bad_check_mode(tmp_path, root):
   with pytest.raises(ValueError, match="check_images"):
     lists.read_list(_list(tmp_path, "d/angry/0.jpg 0\n"), root, CLASSES, check_images="yes")
+
+
+def _truncated_jpeg(root, rel):
+  """A JPEG whose header is intact but whose scan data is cut: PIL's verify() accepts it."""
+  full = os.path.join(root, rel)
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.dirname(full), exist_ok=True)
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(full, quality=95)
+  data = open(full, "rb").read()
+  with open(full, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with Image.open(full) as im:
+    im.verify()                       # the old check passed this file
+  return full
+
+
+def test_a_truncated_jpeg_fails_the_decode_check_and_can_be_skipped(tmp_path, root):
+  _truncated_jpeg(root, "d/angry/cut.jpg")
+  path = _list(tmp_path, "d/angry/0.jpg 0\nd/angry/cut.jpg 0\n")
+  with pytest.raises(lists.DataError, match="unreadable image.*truncated") as e:
+    lists.read_list(path, root, CLASSES)
+  assert f"{path}:2:" in str(e.value) and "cut.jpg" in str(e.value)
+  fl = lists.read_list(path, root, CLASSES, skip_bad_images=True)
+  assert len(fl) == 1 and fl.num_skipped == 1
+
+
+def test_sixteen_bit_png_is_scaled_and_float_images_are_refused(tmp_path):
+  from eercl_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  wide = np.array([[0, 257, 32896], [65535, 1000, 60000]], np.uint16)
+  path = str(tmp_path / "wide.png")
+  Image.fromarray(wide).save(path)
+  with Image.open(path) as im:
+    assert im.mode.startswith("I")   # Pillow keeps 16 bits; its convert('RGB') would clip
+  img = transforms.load_image(path)
+  want = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+  assert img.shape == (2, 3, 3) and img.dtype == np.uint8
+  np.testing.assert_array_equal(img[..., 0], want)
+  np.testing.assert_array_equal(img[..., 0], img[..., 2])
+  fpath = str(tmp_path / "float.tiff")
+  Image.fromarray(np.ones((4, 4), np.float32) * 0.5).save(fpath)
+  with pytest.raises(lists.DataError, match="float.tiff.*floating-point image"):
+    transforms.load_image(fpath)
+
+
+def test_list_hygiene_bom_paths_labels_duplicates(tmp_path, root, monkeypatch):
+  bom = tmp_path / "bom.txt"
+  bom.write_bytes("d/angry/0.jpg 0\nd/fear/1.jpg 2\n".encode("utf-8-sig"))
+  assert len(lists.read_list(str(bom), root, CLASSES)) == 2   # the BOM is not part of a path
+  _image(str(tmp_path), "outside.jpg")
+  for line in ("../outside.jpg 0", "d/../../outside.jpg 0",
+               f"{os.path.join(root, 'd/angry/0.jpg')} 0"):
+    path = _list(tmp_path, f"d/fear/1.jpg 2\n{line}\n", name="escape.txt")
+    with pytest.raises(lists.DataError, match="leaves the image root") as e:
+      lists.read_list(path, root, CLASSES)
+    assert f"{path}:2:" in str(e.value)
+    assert len(lists.read_list(path, root, CLASSES, allow_outside_root=True)) == 2
+  for label in ("+2", "02x", "２"):
+    path = _list(tmp_path, f"d/fear/1.jpg {label}\n", name="label.txt")
+    with pytest.raises(lists.DataError, match=f"{path}:1:"):
+      lists.read_list(path, root, CLASSES)
+  path = _list(tmp_path, "d/angry/0.jpg 0\nd/fear/1.jpg 2\nd/angry/0.jpg 0\n", name="dup.txt")
+  warned = []
+  monkeypatch.setattr(lists.logging, "warning", lambda msg, *a: warned.append(msg % a))
+  assert len(lists.read_list(path, root, CLASSES)) == 3
+  assert "1 duplicate entries" in warned[0] and "line 3 repeats line 1" in warned[0]

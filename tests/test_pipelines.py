@@ -249,3 +249,16 @@ def test_eval_when_batch_divides_the_list_has_no_padding_batch(fer_list_of_lengt
   assert len(batches) == 12 // batch
   np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(12))
   assert all(b["valid"].all() for b in batches)
+
+
+def test_an_image_that_fails_at_load_time_names_list_and_line(tmp_path):
+  root = tmp_path / "fer"
+  (root / "d").mkdir(parents=True)
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "d" / f"{i}.png")
+  (tmp_path / "list.txt").write_text("".join(f"d/{i}.png {i % 3}\n" for i in range(4)))
+  fer = lists.read_list(str(tmp_path / "list.txt"), str(root), CLASSES)
+  (root / "d" / "2.png").write_bytes(b"broken after the start-up check")
+  batches = P.eval_batches(fer, view="test", view_cfg=CFG, batch_size=4)
+  with pytest.raises(lists.DataError, match=r"list\.txt:3: .*2\.png: cannot decode"):
+    list(batches)

@@ -207,3 +207,34 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_preempted_code
   assert r2.start_step == 3 and it_state["position"] == 3
   r2.ckpt.close()
   r2.lock.release()
+
+
+def test_resume_refuses_fields_that_change_shapes_or_the_stream(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record, stop_after=4)           # checkpoints at 2 and 4
+
+  def resume_with(**changes):
+    c = tiny(demo_source.get_config())
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 1, 2
+    for key, value in changes.items():
+      node, leaf = c, key
+      while "__" in leaf:
+        head, leaf = leaf.split("__", 1)
+        node = node[head]
+      node[leaf] = value
+    other = run_lib.Run(c, workdir, "source")
+    try:
+      return other.resume(_toy_state(), ToyRecord())
+    finally:
+      other.ckpt.close()
+
+  with pytest.raises(ValueError, match=r"(?s)batch_size: 32 -> 64.*data\.crop: 32 -> 16"):
+    resume_with(batch_size=64, data__crop=16)
+  with pytest.raises(ValueError, match=r"model\.feat_dim: checkpoint 16 vs config 8"):
+    resume_with(model__feat_dim=8)
+  with pytest.raises(ValueError, match="num_steps=3 is below the step 4"):
+    resume_with(num_steps=3)
+  state, _, _ = resume_with(log_every=1, num_steps=10, data__num_workers=2)   # harmless
+  assert int(state.step) == 4

@@ -149,29 +149,3 @@ def test_per_device_batch_size_scales_with_devices():
   parallel.resolve_batch_sizes(config)
   assert config.batch_size == 4 * jax.device_count() == 32
 
-
-def test_cli_sigterm_checkpoints_and_exits_75(data_dir, tmp_path):
-  """A real process: SIGTERM mid-run -> the step finishes, a checkpoint at that step, exit 75,
-  the lock released (resuming from such a checkpoint: tests/test_run.py)."""
-  import signal  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  workdir = tmp_path / "term"
-  args = [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_source.py",
-          f"--workdir={workdir}", *TINY_FLAGS, "--config.num_steps=400", "--config.log_every=1",
-          "--config.eval_every=1000", "--config.checkpoint_every=1000"]
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  log = workdir / "logs" / "train.log"
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if log.exists() and "step 3/400" in log.read_text():
-      break
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 75, err[-3000:]
-  steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and 3 <= steps[0] < 400
-  assert "preempted: checkpoint written at step" in log.read_text()
-  assert not (workdir / "run.lock").exists()

@@ -487,3 +487,13 @@ def test_prefixed_keys_and_empty_path(timm_vit, tmp_path):
   assert report["prefix"] == "module."
   same, _ = convert.init_backbone(VIT_CFG, variables, "")
   assert same is variables
+
+
+def test_an_overlapping_view_is_refused_before_it_is_expanded(tmp_path):
+  """A stride-0 tensor of 10^8 elements over a 1-element storage: a tiny file that would
+  expand to 400 MB. It is refused by name instead."""
+  path = str(tmp_path / "expand.pth")
+  torch.save({"w": torch.zeros(1).expand(10**8), "ok": torch.ones(3)}, path)
+  assert os.path.getsize(path) < 10_000
+  with pytest.raises(ValueError, match=r"expand\.pth.*100000000 elements but its storage"):
+    readers.load_state_dict(path)

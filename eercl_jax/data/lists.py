@@ -7,13 +7,14 @@ as a shape error or a silently wrong accuracy.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
+import re
 from typing import Sequence
 
 from absl import logging
 import numpy as np
-from PIL import Image
 
 CHECK_MODES = ("decode", "exists", "none")
 _MAX_NAMED_SKIPS = 5  # how many skipped images the warning names before it only counts
@@ -38,26 +39,44 @@ class FerList:
 
 
 def _image_problem(path: str, check_images: str) -> str | None:
-  """Why `path` cannot be used as an image, or None if it can (as far as `check_images` looks)."""
+  """Why `path` cannot be used as an image, or None if it can (as far as `check_images` looks).
+  'decode' decodes the whole image with the training loader (PIL's verify() does not read the
+  scan data, so a truncated JPEG would pass it and fail mid-run)."""
   if check_images == "none":
     return None
   if not os.path.isfile(path):
     return "missing image"
   if check_images == "decode":
+    from eercl_jax.data import transforms  # pylint: disable=import-outside-toplevel
     try:
-      with Image.open(path) as im:
-        im.verify()
-    except Exception as e:  # PIL raises many types for corrupt files; all mean "unusable"
-      return f"unreadable image ({type(e).__name__}: {e})"
+      transforms.load_image(path)
+    except Exception as e:  # pylint: disable=broad-except  (any decode failure: unusable)
+      cause = e.__cause__ or e
+      return f"unreadable image ({type(cause).__name__}: {cause})"
   return None
 
 
+def _check_images(paths: Sequence[str], check_images: str) -> list[str | None]:
+  """`_image_problem` of every path; decoding runs on threads (Pillow releases the GIL)."""
+  if check_images != "decode" or len(paths) < 64:
+    return [_image_problem(p, check_images) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    return list(pool.map(lambda p: _image_problem(p, check_images), paths, chunksize=32))
+
+
+_LABEL = re.compile(r"[0-9]+")
+
+
 def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
-              check_images: str = "decode", skip_bad_images: bool = False) -> FerList:
+              check_images: str = "decode", skip_bad_images: bool = False,
+              allow_outside_root: bool = False) -> FerList:
   """Parses and validates a list file.
 
-  Malformed lines and out-of-range labels are always errors. Missing or unreadable images are
-  errors unless `skip_bad_images`, in which case they are dropped, counted and logged.
+  Malformed lines, labels that are not plain non-negative integers or are out of range, and
+  paths that leave `image_root` (absolute, or through '..'; unless `allow_outside_root`) are
+  always errors. A UTF-8 byte-order mark is ignored. Duplicate paths are reported (each copy
+  would be its own nearest neighbour in the adaptation banks). Missing or undecodable images
+  are errors unless `skip_bad_images`, in which case they are dropped, counted and logged.
   """
   if check_images not in CHECK_MODES:
     raise ValueError(f"check_images must be one of {CHECK_MODES}, got {check_images!r}")
@@ -66,10 +85,10 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
   image_root = os.path.abspath(image_root)
   if not os.path.isfile(list_path):
     raise DataError(f"{list_path}: list file not found")
-  with open(list_path, encoding="utf-8") as f:
+  with open(list_path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not a path
     text_lines = f.read().splitlines()
 
-  paths, labels, lines, skipped = [], [], [], []
+  entries, skipped = [], []
   for line_no, text in enumerate(text_lines, start=1):
     where = f"{list_path}:{line_no}"
     if not text.strip():
@@ -79,15 +98,25 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
       raise DataError(f"{where}: expected '<relative/path> <label>' separated by one space, "
                       f"got {text!r}")
     rel_path, label_text = fields
-    try:
-      label = int(label_text)
-    except ValueError:
-      raise DataError(f"{where}: label {label_text!r} is not an integer") from None
+    if not _LABEL.fullmatch(label_text):
+      if label_text.lstrip("+-").isdigit():
+        raise DataError(f"{where}: label {label_text!r} outside [0, {len(class_names)}) for "
+                        f"classes {class_names} (write labels as plain digits)")
+      raise DataError(f"{where}: label {label_text!r} is not an integer")
+    label = int(label_text)
     if not 0 <= label < len(class_names):
       raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) "
                       f"for classes {class_names}")
-    path = os.path.join(image_root, rel_path)
-    problem = _image_problem(path, check_images)
+    path = os.path.normpath(os.path.join(image_root, rel_path))
+    if not allow_outside_root and (os.path.isabs(rel_path) or
+                                   os.path.commonpath([path, image_root]) != image_root):
+      raise DataError(f"{where}: path {rel_path!r} leaves the image root {image_root} (set "
+                      "config.data.allow_outside_root=True to allow it)")
+    entries.append((path, label, line_no, where))
+
+  problems = _check_images([e[0] for e in entries], check_images)
+  paths, labels, lines = [], [], []
+  for (path, label, line_no, where), problem in zip(entries, problems):
     if problem is not None:
       if not skip_bad_images:
         raise DataError(f"{where}: {problem}: {path}")
@@ -96,6 +125,18 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
     paths.append(path)
     labels.append(label)
     lines.append(line_no)
+
+  first_line = {}
+  duplicates = []
+  for path, line_no in zip(paths, lines):
+    if path in first_line:
+      duplicates.append(f"line {line_no} repeats line {first_line[path]}: {path}")
+    else:
+      first_line[path] = line_no
+  if duplicates:
+    logging.warning("%s: %d duplicate entries (each is its own neighbour in the adaptation "
+                    "banks), e.g.\n  %s", list_path, len(duplicates),
+                    "\n  ".join(duplicates[:_MAX_NAMED_SKIPS]))
 
   if skipped:
     logging.warning("%s: skipped %d bad image(s), e.g.\n  %s", list_path, len(skipped),
@@ -129,7 +170,8 @@ def read_run_lists(data_config) -> tuple[FerList, dict[str, FerList]]:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("synthetic data generated")
   read = lambda path: read_list(path, d.image_root, tuple(d.class_names),
-                                check_images=d.check_images, skip_bad_images=d.skip_bad_images)
+                                check_images=d.check_images, skip_bad_images=d.skip_bad_images,
+                                allow_outside_root=d.get("allow_outside_root", False))
   train = read(d.train_list)
   evals = {name: read(path) for name, path in d.eval_lists.items()}
   for name, fl in [("train", train), *evals.items()]:

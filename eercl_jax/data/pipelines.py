@@ -126,7 +126,13 @@ class _Example:
 
   def __call__(self, located: tuple[int, int, bool]) -> dict:
     epoch, index, valid = located
-    img = transforms.load_image(self.fer_list.paths[index])
+    try:
+      img = transforms.load_image(self.fer_list.paths[index])
+    except transforms.DataError as e:
+      # Passed the start-up check but fails now (changed on disk, or the check was off): name
+      # the list and line, which the image path alone does not give.
+      raise transforms.DataError(
+          f"{self.fer_list.list_path}:{int(self.fer_list.lines[index])}: {e}") from e
     rngs = view_rngs(self.seed, epoch, index, len(self.views))
     example = {key: make_view(view, img, rng, self.view_cfg)
                for key, view, rng in zip(view_keys(self.views), self.views, rngs)}

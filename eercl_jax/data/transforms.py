@@ -33,12 +33,27 @@ def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   return (x.astype(np.float32) - mean) / std
 
 
+# Pillow's modes of 16-bit (and 32-bit integer) greyscale images; "I" is how Pillow opens many
+# 16-bit PNGs. Their values are scaled to 8 bits (Pillow's own convert would clip them to 255).
+_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 (H, W, 3) RGB; grey/RGBA/CMYK/palette become RGB."""
+  """Decodes an image file to uint8 (H, W, 3) RGB; grey/RGBA/CMYK/palette become RGB, 16-bit
+  greyscale is scaled to 8 bits (v / 257, rounded), float images are refused."""
   try:
     with Image.open(path) as im:
       # OpenCV's imread (the original's loader) honours the EXIF orientation; Pillow does not.
       im = ImageOps.exif_transpose(im)
+      if im.mode in _WIDE_INT_MODES:
+        wide = np.asarray(im).astype(np.float64)
+        if wide.min() < 0 or wide.max() > 65535:
+          raise ValueError(f"{im.mode} image with values outside 0..65535")
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+      if im.mode == "F":
+        raise ValueError("floating-point image: its value range is unknown, convert it to 8 or "
+                         "16 bits")
       return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except Exception as e:
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e

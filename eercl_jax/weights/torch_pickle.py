@@ -89,6 +89,12 @@ class _LazyTensor:
     count = math.prod(self.size)
     if count == 0:
       return np.zeros(self.size, flat.dtype)
+    if count > flat.size:
+      # Only an overlapping (e.g. stride-0) view has more elements than its storage; a state dict
+      # never holds one, and materialising it could blow a tiny file up to gigabytes.
+      raise ValueError(f"{where}: tensor of size {self.size} has {count} elements but its "
+                       f"storage {self.storage.key!r} holds {flat.size}: an overlapping view, "
+                       "not a state-dict tensor (corrupt or crafted file)")
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if self.offset < 0 or min(self.stride, default=0) < 0 or last >= flat.size:
       raise ValueError(f"{where}: tensor of size {self.size} reaches element {last} of storage "
