@@ -135,8 +135,8 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   `step`), restored into the model's abstract shapes with `sharding`. Returns (variables, step)."""
   # pylint: disable=import-outside-toplevel
   from eercl_jax.models import eercl
-  latest, _ = read_meta(directory)
-  step = latest if step is None else step
+  if step is None:
+    step, _ = read_meta(directory)
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       eercl.variable_shapes(model, image_size))

@@ -199,6 +199,7 @@ class Run:
     self._predict = self._evals = None
     self._last_scalars: dict[str, float] = {}
     self._stop_signal = 0
+    self._finite_step = -1   # the last step whose state was found finite
     self._install_signal_handlers()
 
   # -------------------------------------------------------------------------------- start-up
@@ -259,7 +260,7 @@ class Run:
     saved = itstime(step, c.checkpoint_every, c.num_steps)
     if saved:
       self.save(step, state, iterator, record)
-    if self._stop_requested(step, logged):
+    if self._stop_requested(logged):
       if not saved:
         self.save(step, state, iterator, record)
       self._stop(step)
@@ -297,8 +298,11 @@ class Run:
   def check_finite(self, step: int, state: Any) -> None:
     """Stops the run if the state holds a NaN or an infinity, naming the step, the parameters
     and the training terms that are not finite; nothing of it has been saved."""
+    if step == self._finite_step:   # log, evaluation and save of one step: check once
+      return
     bad = non_finite_paths(state)
     if not bad:
+      self._finite_step = step
       return
     terms = sorted(k for k, v in self._last_scalars.items() if not np.isfinite(v))
     raise FloatingPointError(
@@ -375,8 +379,7 @@ class Run:
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, request_stop)
 
-  def _stop_requested(self, step: int, logged: bool) -> bool:
-    del step
+  def _stop_requested(self, logged: bool) -> bool:
     if jax.process_count() == 1:
       return bool(self._stop_signal)
     # All processes must stop at the same step (the checkpoint is collective); agreeing costs a

@@ -266,13 +266,13 @@ def load_source_variables(config, model, mesh) -> tuple[dict, int]:
   best/ checkpoint, the original's best_model.pth), checked against the config."""
   directory = checkpoints.resolve_run_dir(config.source_checkpoint, "best",
                                           what="config.source_checkpoint")
-  _, meta = checkpoints.read_meta(directory)
+  step, meta = checkpoints.read_meta(directory)
   if meta.get("stage") != "source":
     raise ValueError(f"config.source_checkpoint: {directory} holds a checkpoint of an "
                      f"{meta.get('stage')!r} run; name a source run's workdir")
   checkpoints.check_model_meta(meta, config, directory)
-  variables, step = checkpoints.restore_variables(directory, model, config.data.crop,
-                                                  parallel.replicated(mesh))
+  variables, _ = checkpoints.restore_variables(directory, model, config.data.crop,
+                                               parallel.replicated(mesh), step=step)
   bad = run_lib.non_finite_paths(variables)
   if bad:
     raise ValueError(f"the source model in {directory} (step {step}) holds non-finite values "

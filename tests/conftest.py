@@ -37,3 +37,18 @@ def tiny(config):
   config.model.feat_dim = 16
   config.batch_size, config.bn_group_size, config.eval_batch_size = 32, 16, 64
   return config
+
+
+def assert_trees_close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5):
+  """Leaf-by-leaf allclose of two pytrees, naming the leaf at fault. float32 sums through a
+  stack of batch norms differ by a few ulps of the tensor's largest entries, so the absolute
+  tolerance grows with the tensor's scale (a wrong formula moves entries by tens of percent)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  def check(path, g, w):
+    w = np.asarray(w, np.float64)
+    tol = max(atol, scale_tol * float(np.max(np.abs(w), initial=0.0)))
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=tol,
+                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+  jax.tree_util.tree_map_with_path(check, got, want)

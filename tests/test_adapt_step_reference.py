@@ -22,6 +22,7 @@ import pytest
 from configs import demo_adapt
 from eercl_jax import optim, parallel, train_adapt
 from eercl_jax.models import eercl
+from tests.conftest import assert_trees_close as _close
 
 W, B = 2, 4            # GPUs of the original, images per GPU
 BG = W * B             # global batch
@@ -312,16 +313,6 @@ def _ref_step(model, ref, batch, config):
 # ------------------------------------------------------------------------------------------------
 # the test
 
-def _close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5):
-  # float32 sums through a stack of batch norms differ by a few ulps of the tensor's largest
-  # entries, so the absolute tolerance grows with the tensor's scale (a wrong formula moves
-  # entries by tens of percent).
-  def check(path, g, w):
-    w = np.asarray(w, np.float64)
-    tol = max(atol, scale_tol * float(np.max(np.abs(w), initial=0.0)))
-    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=tol,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
-  jax.tree_util.tree_map_with_path(check, got, want)
 
 
 @pytest.mark.parametrize("backbone", ["resnet", "vit"])

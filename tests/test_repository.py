@@ -33,12 +33,14 @@ def _anchors(path):
 
 
 def test_nothing_points_outside_the_repository():
-  outside = re.compile(r"algorithm\.md|perf-notes|shared/docs|\.\./shared|\(Q\d+|\bQ\d{1,2}\b")
-  me = os.path.abspath(__file__)
+  # The names of documents that exist only outside the repository (the method note and the
+  # toolchain notes this port was written from, their folder, and the quirk labels of that
+  # note), assembled from parts so this checker does not itself contain what it looks for.
+  names = ["algorithm" + r"\.md", "perf" + "-notes", "shared" + "/docs", r"\.\./" + "shared",
+           r"\(" + "Q" + r"\d+", r"\b" + "Q" + r"\d{1,2}\b"]
+  outside = re.compile("|".join(names))
   hits = []
   for path in _files():
-    if os.path.abspath(path) == me:
-      continue
     with open(path, encoding="utf-8", errors="replace") as f:
       for n, line in enumerate(f, 1):
         if outside.search(line):

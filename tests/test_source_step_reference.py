@@ -24,6 +24,7 @@ from configs import demo_source
 from eercl_jax import optim, parallel, train_source
 from eercl_jax.models import eercl
 from eercl_jax.models.layers import GroupedBatchNorm
+from tests.conftest import assert_trees_close as _close
 
 G, B = 2, 4            # BN groups (GPUs of the original), images per group
 BG = G * B             # global batch
@@ -192,16 +193,6 @@ def _ref_step(model, ref, batch, config, frozen):
 # ------------------------------------------------------------------------------------------------
 # the test
 
-def _close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5):
-  # float32 sums through a stack of batch norms differ by a few ulps of the tensor's largest
-  # entries, so the absolute tolerance grows with the tensor's scale (a wrong formula moves
-  # entries by tens of percent).
-  def check(path, g, w):
-    w = np.asarray(w, np.float64)
-    tol = max(atol, scale_tol * float(np.max(np.abs(w), initial=0.0)))
-    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=tol,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
-  jax.tree_util.tree_map_with_path(check, got, want)
 
 
 def _setup():
