@@ -86,10 +86,12 @@ def test_cutout_box():
   for seed in range(50):
     rng = _rng(seed)
     out = T.cutout(img, rng, size=16, prob=1.0, fill=128)
-    # Replay the draws: centre (cy, cx) uniform; top-left clamped at 0 before adding the size.
+    # Replay the draws: mmcv's centre np.random.uniform(size) = size + (1 - size) * u, in
+    # (1, size]; top-left clamped at 0 before adding the size.
     replay = _rng(seed)
     replay.random()
-    cy, cx = replay.uniform(0, 40), replay.uniform(0, 30)
+    cy, cx = 40 + (1 - 40) * replay.random(), 30 + (1 - 30) * replay.random()
+    assert 1 < cy <= 40 and 1 < cx <= 30
     y1, x1 = int(max(0, cy - 8)), int(max(0, cx - 8))
     expected = np.zeros_like(img)
     expected[y1:min(40, y1 + 16), x1:min(30, x1 + 16)] = 128

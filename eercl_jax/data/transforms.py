@@ -5,9 +5,9 @@ All randomness comes from an explicit `np.random.Generator`, so a view is a pure
 generator's seed (the pipelines derive it from (seed, epoch, index)). Normalisation is not done
 here: pipelines ship uint8 (4x less host->device traffic) and the train step calls `normalize`.
 
-Geometric ops follow OpenCV's conventions as mmcv uses them (forward affine matrices on pixel-index
-coordinates, positive rotation = clockwise on screen) and are executed with Pillow; `_warp_affine`
-is the one place that translates between the two coordinate conventions.
+The RandRangeAug ops call OpenCV exactly as mmcv 1.x does (the original's stack); the resizes use
+Pillow's bilinear filter, as the original's configs select mmcv's Pillow backend for them
+(docs/method.md#strong-view-ops-pixel-for-pixel).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import dataclasses
 import math
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -23,7 +24,6 @@ from eercl_jax.data.lists import DataError
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0..255 scale (the original's Normalize)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 FILL = 128  # mmcls pad value for geometric ops and Cutout
-_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # = OpenCV's BGR2GRAY on RGB input
 
 
 def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -124,13 +124,16 @@ def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int,
 
 def cutout(img: np.ndarray, rng: np.random.Generator, size: int = 16, prob: float = 0.5,
            fill: int = FILL) -> np.ndarray:
-  """mmcv cutout: centre uniform in the image; the box's top-left is clamped at 0 *before*
-  adding `size`, so boxes at the top/left border keep their full size, at the bottom/right
-  they are cut by the border."""
+  """mmcv cutout: the box's top-left is clamped at 0 *before* adding `size`, so boxes at the
+  top/left border keep their full size, at the bottom/right they are cut by the border."""
   if rng.random() > prob:
     return img
   height, width = img.shape[:2]
-  cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+  # mmcv draws np.random.uniform(size), i.e. low=size, high=1: centres in (1, size], not
+  # [0, size) (docs/method.md#strong-view-ops-pixel-for-pixel). numpy's uniform is
+  # low + (high - low) * u; Generator.uniform refuses high < low, so it is written out.
+  cy = height + (1.0 - height) * rng.random()
+  cx = width + (1.0 - width) * rng.random()
   y1, x1 = int(max(0.0, cy - size / 2)), int(max(0.0, cx - size / 2))
   out = img.copy()
   out[y1:min(height, y1 + size), x1:min(width, x1 + size)] = fill
@@ -138,129 +141,144 @@ def cutout(img: np.ndarray, rng: np.random.Generator, size: int = 16, prob: floa
 
 
 # ------------------------------------------------------------------------ RandRangeAug ops
-# Colour ops blend with a "degenerate" image: clip(degenerate*(1-f) + img*f), truncated to
-# uint8 as mmcv's float path does. f = 1 + magnitude may be <= 0 (see policies below).
+# Each op makes the OpenCV calls mmcv 1.x makes for it, with the same flags, border values and
+# dtypes (docs/method.md#strong-view-ops-pixel-for-pixel), so rounding, interpolation and borders
+# are the original's. mmcv works on BGR arrays, these on RGB: every call below is blind to the
+# channel order except the luma, which uses RGB2GRAY on RGB (= BGR2GRAY on BGR, same weights).
+# Colour factors are f = 1 + magnitude and may be <= 0 (see the policies below).
 
 
-def _blend(img: np.ndarray, degenerate: np.ndarray, factor: float) -> np.ndarray:
-  out = img.astype(np.float32) * factor + degenerate.astype(np.float32) * (1.0 - factor)
+def _float_blend(img: np.ndarray, degenerate: np.ndarray, factor: float) -> np.ndarray:
+  """mmcv's float path: addWeighted on float32 copies, clip, truncate back to uint8."""
+  out = cv2.addWeighted(img.astype(np.float32), factor, degenerate.astype(np.float32),
+                        1 - factor, 0)
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
+_LEVELS = np.arange(256, dtype=np.uint8)
+
+
+def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """Applies a (256,) or per-channel (C, 256) uint8 table. Point ops whose output depends on the
+  pixel value alone are exact as a table, and a table lookup is ~10x cheaper than the arithmetic
+  over every pixel."""
+  table = np.asarray(table, np.uint8)
+  if table.ndim == 2:
+    table = np.ascontiguousarray(table.T)[None]  # (1, 256, C): one table per channel
+  return cv2.LUT(np.ascontiguousarray(img), table)
+
+
+def _constant_blend(img: np.ndarray, value: int, factor: float) -> np.ndarray:
+  """`_float_blend` against a constant image, evaluated once per grey level by the same call."""
+  table = _float_blend(_LEVELS[None], np.full((1, 256), value, np.uint8), factor)[0]
+  return _lut(img, table)
+
+
 def _gray(img: np.ndarray) -> np.ndarray:
-  """uint8 (H, W) luma, rounded like OpenCV's cvtColor."""
-  return np.rint(img.astype(np.float32) @ _GRAY_WEIGHTS).clip(0, 255).astype(np.uint8)
+  """uint8 (H, W) luma with OpenCV's fixed-point weights."""
+  return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
 
 
 def auto_contrast(img: np.ndarray) -> np.ndarray:
   """Stretches each channel's [min, max] to [0, 255]; constant channels are left alone."""
-  out = img.copy()
+  tables = []
   for c in range(img.shape[-1]):
     lo, hi = int(img[..., c].min()), int(img[..., c].max())
+    table = _LEVELS
     if lo < hi:
       scale = 255.0 / (hi - lo)
-      lut = np.clip(np.arange(256) * scale - lo * scale, 0, 255).astype(np.uint8)
-      out[..., c] = lut[img[..., c]]
-  return out
+      table = np.clip(np.arange(256) * scale - lo * scale, 0, 255).astype(np.uint8)
+    tables.append(table)
+  return _lut(img, np.stack(tables))
 
 
 def brightness(img: np.ndarray, factor: float) -> np.ndarray:
-  return _blend(img, np.zeros_like(img), factor)
+  return _constant_blend(img, 0, factor)
 
 
 def color(img: np.ndarray, factor: float) -> np.ndarray:
-  return _blend(img, _gray(img)[..., None], factor)
+  """mmcv adjust_color: a uint8 addWeighted (rounds and saturates), unlike the other blends."""
+  img = np.ascontiguousarray(img)
+  gray = np.repeat(_gray(img)[..., None], 3, axis=-1)
+  return cv2.addWeighted(img, factor, gray, 1 - factor, 0)
 
 
 def contrast(img: np.ndarray, factor: float) -> np.ndarray:
-  mean = round(float(_gray(img).mean()))
-  return _blend(img, np.full_like(img, mean), factor)
+  gray = _gray(img)
+  mean = round(int(gray.sum(dtype=np.int64)) / gray.size)  # Python's round, as mmcv
+  return _constant_blend(img, mean, factor)
+
+
+_SMOOTH = np.array([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13  # PIL's SMOOTH kernel
 
 
 def sharpness(img: np.ndarray, factor: float) -> np.ndarray:
-  """Blend with a 3x3 smoothed copy (PIL's SMOOTH kernel; borders reflected as OpenCV's
-  filter2D does, so unlike PIL the border pixels are smoothed too)."""
-  kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
-  padded = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="reflect")
-  h, w = img.shape[:2]
-  smooth = sum(kernel[dy, dx] * padded[dy:dy + h, dx:dx + w]
-               for dy in range(3) for dx in range(3))
-  return _blend(img, np.rint(smooth).clip(0, 255).astype(np.uint8), factor)
+  """Blend with filter2D's uint8 smoothing (borders reflected, 101)."""
+  img = np.ascontiguousarray(img)
+  return _float_blend(img, cv2.filter2D(img, -1, _SMOOTH), factor)
 
 
 def equalize(img: np.ndarray) -> np.ndarray:
   """Per-channel histogram equalisation with Pillow's (and mmcv's) lookup-table rule."""
-  out = img.copy()
+  tables = []
   for c in range(img.shape[-1]):
     hist = np.bincount(img[..., c].ravel(), minlength=256)
     used = hist[hist > 0]
     step = (used.sum() - used[-1]) // 255
+    table = _LEVELS
     if step:
       below = np.cumsum(hist) - hist  # pixels strictly darker than each level
-      lut = np.minimum((below + step // 2) // step, 255).astype(np.uint8)
-      out[..., c] = lut[img[..., c]]
-  return out
+      table = np.minimum((below + step // 2) // step, 255).astype(np.uint8)
+    tables.append(table)
+  return _lut(img, np.stack(tables))
 
 
 def posterize(img: np.ndarray, bits: int) -> np.ndarray:
   shift = 8 - int(bits)
-  return (img >> shift) << shift
+  return _lut(img, (_LEVELS >> shift) << shift)
 
 
 def solarize(img: np.ndarray, threshold: float) -> np.ndarray:
-  return np.where(img < threshold, img, 255 - img).astype(np.uint8)
+  return _lut(img, np.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS))
 
 
-def _warp_affine(img: np.ndarray, matrix: np.ndarray, resample: Image.Resampling) -> np.ndarray:
-  """Applies a forward 2x3 affine `matrix` (OpenCV's warpAffine convention: dst(M p) = src(p),
-  p in pixel-index coordinates) with Pillow, filling uncovered pixels with FILL."""
-  lin, t = matrix[:, :2], matrix[:, 2]
-  inv = np.linalg.inv(lin)
-  # Pillow samples at pixel centres p + 0.5 and wants the output->input map.
-  half = np.array([0.5, 0.5])
-  offset = half - inv @ (half + t)
-  data = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
+def _warp_affine(img: np.ndarray, matrix, interpolation: int) -> np.ndarray:
+  """OpenCV's warpAffine with a forward 2x3 `matrix` (dst(M p) = src(p), pixel indices); taps
+  outside the image read the constant FILL, as mmcv's border_value."""
   h, w = img.shape[:2]
-  out = Image.fromarray(img).transform((w, h), Image.Transform.AFFINE, data, resample=resample,
-                                       fillcolor=(FILL,) * img.shape[-1])
-  return np.asarray(out)
+  return cv2.warpAffine(img, matrix, (w, h), flags=interpolation,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=(FILL,) * 3)
 
 
 def rotate(img: np.ndarray, angle: float) -> np.ndarray:
-  """Rotates by `angle` degrees about the centre, positive = clockwise on screen (mmcv)."""
+  """Rotates by `angle` degrees about the centre, positive = clockwise on screen (mmcv), nearest."""
   h, w = img.shape[:2]
-  cx, cy = (w - 1) / 2, (h - 1) / 2
-  a = math.radians(angle)
-  # y points down, so this rotation matrix turns the picture clockwise for a > 0.
-  lin = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-  t = np.array([cx, cy]) - lin @ np.array([cx, cy])
-  return _warp_affine(img, np.column_stack([lin, t]), Image.Resampling.NEAREST)
+  # OpenCV's positive angle is counter-clockwise; mmcv negates it.
+  matrix = cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), -angle, 1.0)
+  return _warp_affine(img, matrix, cv2.INTER_NEAREST)
 
 
+# mmcv builds the shear and translation matrices in float32; kept, as it moves sample positions.
 def shear_x(img: np.ndarray, magnitude: float) -> np.ndarray:
   """x' = x + magnitude * y (origin top-left), bicubic."""
-  return _warp_affine(img, np.array([[1, magnitude, 0], [0, 1, 0]], float),
-                      Image.Resampling.BICUBIC)
+  return _warp_affine(img, np.float32([[1, magnitude, 0], [0, 1, 0]]), cv2.INTER_CUBIC)
 
 
 def shear_y(img: np.ndarray, magnitude: float) -> np.ndarray:
   """y' = y + magnitude * x (origin top-left), bicubic."""
-  return _warp_affine(img, np.array([[1, 0, 0], [magnitude, 1, 0]], float),
-                      Image.Resampling.BICUBIC)
+  return _warp_affine(img, np.float32([[1, 0, 0], [magnitude, 1, 0]]), cv2.INTER_CUBIC)
 
 
 def translate_x(img: np.ndarray, fraction: float) -> np.ndarray:
   """Shifts right by fraction * width pixels (negative: left), nearest."""
   offset = fraction * img.shape[1]
-  return _warp_affine(img, np.array([[1, 0, offset], [0, 1, 0]], float),
-                      Image.Resampling.NEAREST)
+  return _warp_affine(img, np.float32([[1, 0, offset], [0, 1, 0]]), cv2.INTER_NEAREST)
 
 
 def translate_y(img: np.ndarray, fraction: float) -> np.ndarray:
   """Shifts down by fraction * height pixels (negative: up), nearest."""
   offset = fraction * img.shape[0]
-  return _warp_affine(img, np.array([[1, 0, 0], [0, 1, offset]], float),
-                      Image.Resampling.NEAREST)
+  return _warp_affine(img, np.float32([[1, 0, 0], [0, 1, offset]]), cv2.INTER_NEAREST)
 
 
 # ------------------------------------------------------------------------------ RandRangeAug
