@@ -1,0 +1,207 @@
+"""The sweep launcher: the grid's commands and dependencies, SLURM submission with a fake sbatch,
+the array script under a fake SLURM environment, and the one-machine runner on the synthetic data
+(interrupted, rerun, summarised)."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eercl_jax import sweep
+from tests.conftest import REPO
+from tests.test_train_source import TINY_FLAGS
+
+SBATCH = os.path.join(REPO, "launch", "sweep.sbatch")
+
+
+def _sweep(*args, cwd=REPO, env=None, timeout=120):
+  return subprocess.run([sys.executable, "-m", "eercl_jax.sweep", *args], cwd=cwd,
+                        env=dict(os.environ, PYTHONPATH=REPO, **(env or {})),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _grid_args(root):
+  return [f"--root={root}", "--sources=configs/source_raf.py",
+          "--targets=configs/adapt_ck.py,configs/adapt_jaffe.py", "--seeds=1,2", "--python=py"]
+
+
+def test_dry_run_prints_every_command_and_dependency(tmp_path):
+  root = tmp_path / "paper"
+  proc = _sweep(*_grid_args(root), "--mode=slurm", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  for seed in (1, 2):
+    src = root / f"source_raf_seed{seed}"
+    assert (f"py -m eercl_jax.main --config=configs/source_raf.py --workdir={src} "
+            f"--config.seed={seed}") in out
+    for tgt in ("ck", "jaffe"):
+      assert (f"py -m eercl_jax.main --config=configs/adapt_{tgt}.py "
+              f"--workdir={root}/raf2{tgt}_seed{seed} --config.seed={seed} "
+              f"--config.source_checkpoint={src}   (after source task {seed - 1}: "
+              f"source_raf_seed{seed})") in out
+  sbatch = [line for line in out.splitlines() if line.startswith("sbatch")]
+  assert len(sbatch) == 4  # sources, one array per target, the summary
+  assert "--array=0-1" in sbatch[0] and sbatch[0].endswith(f"{SBATCH} {root}/sweep/source.tsv")
+  for line, tgt in zip(sbatch[1:3], ("ck", "jaffe")):
+    assert "--dependency=aftercorr:<source job id>" in line
+    assert line.endswith(f"{root}/sweep/raf2{tgt}.tsv")
+  assert "--dependency=afterany:<raf2ck job id>:<raf2jaffe job id>" in sbatch[3]
+  assert f"eercl_jax.summarize --out={root}/summary {root}/*_seed*" in sbatch[3]
+  assert not root.exists()  # nothing written, nothing run
+
+  local = _sweep(*_grid_args(root), "--dry_run", "--devices=0,1,2,3", "--gpus_per_run=2")
+  assert local.returncode == 0, local.stderr
+  lines = local.stdout.splitlines()
+  assert len([x for x in lines if "eercl_jax.main" in x]) == 6
+  assert "# 2 at a time: CUDA_VISIBLE_DEVICES='0,1', CUDA_VISIBLE_DEVICES='2,3'" in lines
+  assert lines[-1].startswith("py -m eercl_jax.summarize")
+
+
+def test_bad_grids_are_one_line_errors(tmp_path):
+  for args, text in [(["--sources=configs/nope.py"], "nope.py not found"),
+                     (["--sources=configs/source_raf.py", "--seeds=1,1"], "repeated seeds"),
+                     (["--sources=configs/source_raf.py", "--seeds=a"], "integers expected"),
+                     (["--sources=configs/source_raf.py", "--devices=7", "--gpus_per_run=2"],
+                      "only 1 GPUs")]:
+    proc = _sweep(f"--root={tmp_path}", *args, "--dry_run")
+    assert proc.returncode != 0 and text in proc.stderr, (args, proc.stderr)
+    assert "Traceback" not in proc.stderr
+  # Submitting where there is no SLURM: one line, nothing half-submitted.
+  proc = _sweep(*_grid_args(tmp_path / "p"), "--mode=slurm", env={"PATH": "/usr/bin:/bin"})
+  assert proc.returncode != 0 and "sbatch not found" in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def _fake_bin(folder, name, body):
+  path = folder / name
+  path.write_text("#!/usr/bin/env bash\n" + body)
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_submission_chains_the_arrays_with_real_job_ids(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  # A fake sbatch: records its arguments, answers job ids 101, 102, ... as --parsable does.
+  _fake_bin(bin_dir, "sbatch", f'n=$(( $(cat {calls} 2>/dev/null | wc -l) + 101 ))\n'
+            f'printf "%s\\n" "$*" >> {calls}\necho "$n;cluster"\n')
+  root = tmp_path / "paper"
+  proc = _sweep(*_grid_args(root), "--mode=slurm", "--max_parallel=3",
+                "--sbatch_args=--partition=gpu --time=2:00:00",
+                env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert proc.returncode == 0, proc.stderr
+  submitted = calls.read_text().splitlines()
+  assert len(submitted) == 4
+  assert all("--partition=gpu --time=2:00:00" in line for line in submitted)
+  assert "--array=0-1%3" in submitted[0]
+  assert "--dependency=aftercorr:101" in submitted[1] and "--dependency=aftercorr:101" in submitted[2]
+  assert "--dependency=afterany:102:103" in submitted[3]
+  # The task files: line i = array task i (workdir, tab, command); adaptation i <- source i.
+  source_tasks = (root / "sweep" / "source.tsv").read_text().splitlines()
+  ck_tasks = (root / "sweep" / "raf2ck.tsv").read_text().splitlines()
+  for i, (s, a) in enumerate(zip(source_tasks, ck_tasks)):
+    s_dir, s_cmd = s.split("\t")
+    a_dir, a_cmd = a.split("\t")
+    assert s_dir == f"{root}/source_raf_seed{i + 1}" and f"--config.seed={i + 1}" in s_cmd
+    assert a_dir == f"{root}/raf2ck_seed{i + 1}" and f"--config.source_checkpoint={s_dir}" in a_cmd
+
+
+def _array_task(tmp_path, task, exit_code=0):
+  """Runs launch/sweep.sbatch as SLURM would run array task `task`, with fake srun/scontrol and a
+  fake python that records the command it was given."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  log = tmp_path / "log"
+  _fake_bin(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+  _fake_bin(bin_dir, "scontrol", f'echo "scontrol $*" >> {log}\n')
+  _fake_bin(bin_dir, "py", f'echo "py $*" >> {log}\nexit {exit_code}\n')
+  root = tmp_path / "paper"
+  if not (root / "sweep").exists():
+    _, adapt = sweep.build_grid(str(root), ["configs/source_raf.py"],
+                                          ["configs/adapt_ck.py"], [1, 2], python="py")
+    (root / "sweep").mkdir(parents=True)
+    sweep.write_task_file(str(root / "sweep" / "raf2ck.tsv"), adapt["raf2ck"])
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(task),
+             SLURM_ARRAY_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
+  proc = subprocess.run(["bash", SBATCH, str(root / "sweep" / "raf2ck.tsv")], env=env,
+                        capture_output=True, text=True, timeout=60)
+  return proc, (log.read_text() if log.exists() else ""), root
+
+
+def test_array_script_runs_the_task_of_its_index(tmp_path):
+  proc, log, root = _array_task(tmp_path, task=1)
+  assert proc.returncode == 0, proc.stderr
+  assert log.strip() == (f"py -m eercl_jax.main --config=configs/adapt_ck.py "
+                         f"--workdir={root}/raf2ck_seed2 --config.seed=2 "
+                         f"--config.source_checkpoint={root}/source_raf_seed2")
+
+
+def test_array_script_requeues_a_preempted_task_and_skips_a_finished_one(tmp_path):
+  proc, log, root = _array_task(tmp_path, task=0, exit_code=75)
+  assert proc.returncode == 0 and "scontrol requeue 77_0" in log, (proc.stdout, log)
+  (tmp_path / "log").unlink()
+  (root / "raf2ck_seed1").mkdir()
+  (root / "raf2ck_seed1" / "results.json").write_text("{}")
+  proc, log, _ = _array_task(tmp_path, task=0)
+  assert proc.returncode == 0 and log == "" and "finished already" in proc.stdout
+  proc, log, _ = _array_task(tmp_path, task=1, exit_code=3)
+  assert proc.returncode == 3 and "scontrol" not in log
+  proc, _, _ = _array_task(tmp_path, task=5)
+  assert proc.returncode == 2 and "no line for array task 5" in proc.stderr
+
+
+def _wait_for(path, text, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if path.exists() and text in path.read_text():
+      return
+    assert proc.poll() is None, f"the runner ended early: {proc.communicate()}"
+    time.sleep(0.5)
+  raise AssertionError(f"{text!r} not in {path} after {timeout} s")
+
+
+def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path):
+  """2 seeds x 1 target on the synthetic data, two CPU runs at a time: SIGTERM while an
+  adaptation runs, rerun: finished runs are skipped, the others resume, the summary is written."""
+  root = tmp_path / "grid"
+  flags = " ".join([*TINY_FLAGS, "--config.num_steps=6", "--config.log_every=3",
+                    "--config.eval_every=3", "--config.checkpoint_every=3"])
+  args = [sys.executable, "-m", "eercl_jax.sweep", f"--root={root}",
+          f"--sources=demo={REPO}/configs/demo_source.py",
+          f"--targets=demo={REPO}/configs/demo_adapt.py", "--seeds=1,2", "--devices=cpu:2",
+          f"--source_args={flags}", f"--adapt_args={flags}"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = tmp_path / "runner.out"
+  with open(out, "w", encoding="utf-8") as f:
+    proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+  try:
+    _wait_for(out, "start: demo2demo_seed", proc)
+    first = "demo2demo_seed1" if "start: demo2demo_seed1" in out.read_text() else "demo2demo_seed2"
+    _wait_for(root / "logs" / f"{first}.log", "step 3", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == sweep.PREEMPTED
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = out.read_text()
+  assert "finished: source_demo_seed1" in text and "finished: source_demo_seed2" in text
+  assert f"interrupted: {first}" in text
+
+  rerun = subprocess.run(args, cwd=data_dir, env=env, capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert "finished already: source_demo_seed1" in rerun.stdout
+  assert "start: source_demo" not in rerun.stdout
+  assert "resumed from" in (root / "logs" / f"{first}.log").read_text()
+  for name in ("source_demo_seed1", "source_demo_seed2", "demo2demo_seed1", "demo2demo_seed2"):
+    assert (root / name / "results.json").is_file(), name
+  table = (root / "summary.md").read_text()
+  assert "demo2demo" in table and "source_demo" in table
+  assert (root / "summary.csv").is_file()
+  results = [json.loads((root / f"demo2demo_seed{k}" / "results.json").read_text())
+             for k in (1, 2)]
+  assert [r["seed"] for r in results] == [1, 2]
