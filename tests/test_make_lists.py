@@ -285,14 +285,16 @@ def test_sfew_and_folder_trees_with_aliases(tmp_path):
 
   tree = tmp_path / "fer" / "mine"
   for rel in ("train/Anger/1.png", "train/happiness/x/2.png", "test/SADNESS/3.png",
-              "test/surprised/4.png", "test/Contempt/5.png"):
+              "test/surprised/4.png", "test/Neutrality/6.png", "test/Contempt/5.png"):
     _img(str(tree / rel))
   root, out = _run(tmp_path, "folder", "--domain", "mine", "--split_dirs", "train=train",
                    "test=test")
   assert _read(out, root, "labeled_source_images_mine.txt") == {
       "mine/train/Anger/1.png": 0, "mine/train/happiness/x/2.png": 3}
   assert _read(out, root, "unlabeled_target_images_mine_0.txt") == {
-      "mine/test/SADNESS/3.png": 5, "mine/test/surprised/4.png": 6}
+      "mine/test/SADNESS/3.png": 5, "mine/test/surprised/4.png": 6,
+      "mine/test/Neutrality/6.png": 4}
+  assert "left out: 1 x contempt" in (out / "counts_mine.md").read_text()
 
 
 def test_default_names_are_what_the_configs_read(tmp_path, monkeypatch):
@@ -375,10 +377,15 @@ def test_error_fer2013_rows(tmp_path, rows, match):
   _error(tmp_path, ["fer2013", "--src", str(d)], match)
 
 
-def test_error_fer2013_pixel_count(tmp_path):
+@pytest.mark.parametrize("pixels, match", [
+    ("1 2 3", r"fer2013.csv:2: expected 2304 grey values, got 3"),
+    ("1 2 x" + " 1" * 2301, r"fer2013.csv:2: pixels are not space-separated integers"),
+    ("256" + " 1" * 2303, r"fer2013.csv:2: grey values outside 0..255"),
+])
+def test_error_fer2013_pixels(tmp_path, pixels, match):
   d = tmp_path / "fer" / "fer2013"
-  _write(str(d / "fer2013.csv"), "emotion,pixels,Usage\n0,1 2 3,Training\n")
-  _error(tmp_path, ["fer2013", "--src", str(d)], r"fer2013.csv:2: expected 2304 grey values")
+  _write(str(d / "fer2013.csv"), f"emotion,pixels,Usage\n0,{pixels},Training\n")
+  _error(tmp_path, ["fer2013", "--src", str(d)], match)
 
 
 def test_error_ck_label_and_jaffe_code(tmp_path):

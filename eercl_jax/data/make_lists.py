@@ -123,6 +123,8 @@ def _load_config(path: str):
   spec = importlib.util.spec_from_file_location("_make_lists_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise DataError(f"--config {path}: not a config file (no get_config())")
   return module.get_config()
 
 
