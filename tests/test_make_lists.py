@@ -225,6 +225,7 @@ def test_ck_peak_frames_first_frame_neutral_contempt_dropped(tmp_path):
       **{f"{seq}{k:08d}.png": CLASSES.index("disgust") for k in (3, 4, 5)}}   # CK+ 3 = disgust
   table = (out / "counts_ck.md").read_text()
   assert "left out: 1 x contempt" in table
+  assert "left out: 1 x sequence without an emotion label" in table
 
 
 def test_ck_options_and_contempt_kept(tmp_path):

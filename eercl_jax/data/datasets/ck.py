@@ -51,7 +51,7 @@ def read(src: str, args, ctx: common.Context) -> list[common.Item]:
     raise DataError(f"--ck_peak_frames must be >= 1, got {args.ck_peak_frames}")
   image_dir = common.require(src, "cohn-kanade-images", what="CK+ image folder")
   emotion_dir = common.require(src, "Emotion", what="CK+ emotion folder")
-  items = []
+  items, labelled = [], set()
   for root, dirs, names in os.walk(emotion_dir):
     dirs.sort()
     labels = sorted(n for n in names if n.endswith("_emotion.txt") and not common.is_junk(n))
@@ -60,6 +60,7 @@ def read(src: str, args, ctx: common.Context) -> list[common.Item]:
     if len(labels) > 1:
       raise DataError(f"{root}: {len(labels)} emotion files for one sequence: {labels}")
     label_path = os.path.join(root, labels[0])
+    labelled.add(os.path.relpath(root, emotion_dir))
     cls = _emotion(label_path, ctx)
     if cls is None:
       continue
@@ -74,4 +75,8 @@ def read(src: str, args, ctx: common.Context) -> list[common.Item]:
       first = ctx.resolve("neutral", label_path)
       items.append(common.Item("all", os.path.join(sequence, frames[0]), first, label_path))
     items += [common.Item("all", os.path.join(sequence, f), cls, label_path) for f in peak]
+  sequences = {os.path.relpath(root, image_dir) for root, _, names in os.walk(image_dir)
+               if any(common.is_image(n) for n in names)}
+  if sequences - labelled:
+    ctx.skipped["sequence without an emotion label"] += len(sequences - labelled)
   return items

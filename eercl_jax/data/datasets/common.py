@@ -105,8 +105,8 @@ class Context:
   def native(self, table: dict, label: int, where: str) -> Optional[str]:
     """Maps a data set's native integer label through its table, then `resolve`."""
     if label not in table:
-      raise DataError(f"{where}: label {label} is not one of this data set's labels "
-                      f"{sorted(table)} ({', '.join(f'{k}={v}' for k, v in sorted(table.items()))})")
+      known = ", ".join(f"{k}={v}" for k, v in sorted(table.items()))
+      raise DataError(f"{where}: label {label} is not one of this data set's labels ({known})")
     return self.resolve(table[label], where, what=f"label {label} =")
 
   def out_dir(self, *parts: str) -> str:
