@@ -66,6 +66,7 @@ def test_cited_doc_anchors_exist():
   assert count > 10 and not missing, "\n".join(missing)
 
 
-@pytest.mark.parametrize("name", ["method.md", "deviations.md", "config-keys.md", "toolchain.md"])
+@pytest.mark.parametrize("name", ["method.md", "deviations.md", "config-keys.md", "toolchain.md",
+                                  "datasets.md"])
 def test_docs_exist(name):
   assert os.path.getsize(os.path.join(REPO, "docs", name)) > 1000
