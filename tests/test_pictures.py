@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from eercl_jax import logs, pictures, train_adapt
-# The adaptation tests' tiny source run and adaptation config: the same programs, so in a whole
-# suite run the persistent compilation cache serves one file's compilations to the other.
+# The adaptation tests' tiny config (and conftest's shared tiny source run): the same programs,
+# so in a whole suite run the persistent compilation cache serves one file's compilations to the
+# other.
 from tests.test_train_adapt import _config as _adapt_config
-from tests.test_train_adapt import source_run  # pylint: disable=unused-import
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, source_run, tmp_path_factory):  # pylint: disable=redefined-outer-name
+def runs(data_dir, source_run, tmp_path_factory):
   """The tiny source run (4 steps) and a tiny adaptation from it (2 steps): their workdirs."""
   workdir = tmp_path_factory.mktemp("pictures") / "adapt"
   old = os.getcwd()

@@ -74,14 +74,19 @@ def embed(apply, variables, fer_list: lists.FerList, data_config, batch_size: in
 
 
 def tsne(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-  """(N, 2) t-SNE coordinates (scikit-learn); the perplexity is capped for small N."""
-  from sklearn.manifold import TSNE  # pylint: disable=import-outside-toplevel
+  """(N, 2) t-SNE coordinates (scikit-learn, Barnes-Hut); the perplexity is capped for small N.
+  Run on one OpenMP thread: a few seconds for a thousand points, and on a busy machine the
+  multithreaded gradient spins for minutes."""
+  # pylint: disable=import-outside-toplevel
+  from sklearn.manifold import TSNE
+  from threadpoolctl import threadpool_limits
   n = len(features)
   if n < 4:
     raise ValueError(f"a t-SNE map needs at least 4 images, got {n}")
   perplexity = float(min(perplexity, (n - 1) / 3))
-  return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-              metric="euclidean").fit_transform(features.astype(np.float64))
+  with threadpool_limits(limits=1):
+    return TSNE(n_components=2, perplexity=perplexity, init="pca",
+                random_state=seed).fit_transform(features.astype(np.float64))
 
 
 def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: np.ndarray,
