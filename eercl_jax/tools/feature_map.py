@@ -100,7 +100,7 @@ def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: 
   from matplotlib.lines import Line2D
 
   colours = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
-  fig = Figure(figsize=(6.0 * len(panels) + 2.2, 6.0), dpi=120)
+  fig = Figure(figsize=(6.0 * len(panels) + 1.6, 6.0), dpi=120)
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
   for ax, (title, xy) in zip(axes, panels):
@@ -108,7 +108,7 @@ def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: 
       for c, _ in enumerate(class_names):
         sel = (domains == d) & (labels == c)
         if sel.any():
-          ax.scatter(xy[sel, 0], xy[sel, 1], s=12, marker=MARKERS[d % len(MARKERS)],
+          ax.scatter(xy[sel, 0], xy[sel, 1], s=14, marker=MARKERS[d % len(MARKERS)],
                      color=colours(c), alpha=0.75, linewidths=0)
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
@@ -118,7 +118,7 @@ def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: 
   handles += [Line2D([], [], linestyle="", marker=MARKERS[d % len(MARKERS)], color="0.3",
                      label=f"list: {name}") for d, name in enumerate(domain_names)]
   fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+  fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   fig.savefig(out_path, format="png")
   return out_path
