@@ -76,7 +76,7 @@ def make_predict(model, data_config) -> Callable:
 def evaluate_lists(predict, variables, evals: dict, config, mesh) -> dict[str, dict]:
   """Every list of `evals` ({name: FerList}) with the test view, each image exactly once."""
   # pylint: disable=import-outside-toplevel
-  from eercl_jax import parallel
+  from eercl_jax import logs, parallel
   from eercl_jax.data import pipelines
   out = {}
   put = lambda b: parallel.shard_batch(b, mesh)
@@ -85,6 +85,7 @@ def evaluate_lists(predict, variables, evals: dict, config, mesh) -> dict[str, d
         fl, view="test", view_cfg=pipelines.view_config(config.data),
         batch_size=config.eval_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers)
+    batches = logs.tty_progress(batches, -(-len(fl) // config.eval_batch_size), f"eval {name}")
     out[name] = evaluate(lambda x: predict(variables, x), batches, config.model.num_classes, put)
     logging.info("%s", format_metrics(name, out[name], config.data.class_names))
   return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import logging as py_logging
 import os
+import sys
 import time
+from typing import Iterable, Iterator, TextIO
 
 import jax
 import numpy as np
@@ -45,14 +47,44 @@ def setup_file_log(workdir: str) -> str:
 
 
 def create_writer(workdir: str):
-  """clu's default writer (TensorBoard on process 0, log lines elsewhere)."""
+  """clu's TensorBoard writer on process 0, a writer that writes nothing elsewhere.
+
+  Not clu's default writer: that one also logs every scalar dict as a line, which doubled each
+  progress line (the loop logs its own readable line, and the evaluations theirs)."""
   # Imported here: clu's writer pulls in TensorFlow, which only a training run needs (tools and
   # tests that import this package stay light; importing TensorFlow before PyTorch crashes some
   # PyTorch builds).
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  return metric_writers.create_default_writer(
-      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
-      asynchronous=False)
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.MultiWriter(
+      [metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))])
+
+
+def tty_progress(items: Iterable, total: int, desc: str,
+                 stream: TextIO | None = None) -> Iterator:
+  """Yields `items`, showing `desc i/total` on one rewritten line of `stream` (stderr) when it
+  is an interactive terminal on process 0; silent otherwise, so batch logs stay clean."""
+  stream = sys.stderr if stream is None else stream
+  try:
+    interactive = jax.process_index() == 0 and stream.isatty()
+  except (AttributeError, ValueError):   # a closed or odd stream
+    interactive = False
+  if not interactive:
+    yield from items
+    return
+  start, width = time.time(), 0
+  try:
+    for i, item in enumerate(items, 1):
+      yield item
+      line = f"{desc} {i}/{total} ({time.time() - start:.0f}s)"
+      width = max(width, len(line))
+      stream.write("\r" + line.ljust(width))
+      stream.flush()
+  finally:
+    if width:
+      stream.write("\r" + " " * width + "\r")
+      stream.flush()
 
 
 class Progress:

@@ -69,4 +69,6 @@ def _hide_accelerators_from_tensorflow():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # A misspelt --config.x.y or a missing config file: one line with a suggestion, exit code 2.
+  from eercl_jax import cli_errors  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: cli_errors.parse_flags(argv, _CONFIG))

@@ -47,7 +47,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eercl_jax import checkpoints, config_defaults, evaluation, logs, optim, parallel
+from eercl_jax import checkpoints, config_defaults, evaluation, logs, optim, parallel, pictures
 from eercl_jax.models import registry
 
 
@@ -200,6 +200,7 @@ class Run:
     self._last_scalars: dict[str, float] = {}
     self._stop_signal = 0
     self._finite_step = -1   # the last step whose state was found finite
+    self._views_shown = False
     self._install_signal_handlers()
 
   # -------------------------------------------------------------------------------- start-up
@@ -291,9 +292,21 @@ class Run:
     results = evaluation.evaluate_lists(self._predict, variables, self._evals, self.config,
                                         self.mesh)
     self.writer.write_scalars(step, evaluation.scalars(results))
+    if jax.process_index() == 0:   # the confusion images and per-class scalars
+      pictures.write_evaluation(self.writer, step, results, self.config.data.class_names)
     if save_confusions:
       evaluation.save_confusions(self.workdir, step, results)
     return results
+
+  def show_views(self, step: int, host_batch: dict) -> None:
+    """Once per process start: a grid of the first images of each training view of
+    `host_batch` (weak; weak, strong1, strong2), written at the step before `step`."""
+    if self._views_shown:
+      return
+    self._views_shown = True
+    if jax.process_index() == 0:
+      keys = [k for k in ("image", "weak", "strong1", "strong2") if k in host_batch]
+      pictures.write_views(self.writer, step - 1, host_batch, keys)
 
   def check_finite(self, step: int, state: Any) -> None:
     """Stops the run if the state holds a NaN or an infinity, naming the step, the parameters

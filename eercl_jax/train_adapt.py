@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from eercl_jax import banks as bank_lib
-from eercl_jax import checkpoints, losses, optim, parallel
+from eercl_jax import checkpoints, logs, losses, optim, parallel
 from eercl_jax.data import lists, pipelines
 from eercl_jax.models import eercl, layers
 from eercl_jax import run as run_lib
@@ -230,7 +230,8 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers)
   banks = state.banks
-  for host in batches:
+  total = -(-len(target_list) // a.refresh_batch_size)
+  for host in logs.tty_progress(batches, total, f"bank refresh {refresh_index}"):
     if keep is not None:
       host = dict(host, valid=host["valid"] & keep[host["index"]])
     b = parallel.shard_batch(host, mesh)
@@ -367,6 +368,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                len(target_list), config.num_steps, config.batch_size, run.mesh.devices.size)
   for step in run.steps():
     host_batch = next(it)  # fetched before the refresh, as the original
+    run.show_views(step, host_batch)
     it_index = step - 1    # the original's iteration index
     if it_index % every == 0:
       state, stats = refresh_banks(state, target_list, it_index // every, embed=embed,

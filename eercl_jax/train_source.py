@@ -93,6 +93,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                len(train_list), config.num_steps, config.batch_size, run.mesh.devices.size,
                jax.process_count())
   for step in run.steps():
-    state, metrics = p_step(state, parallel.shard_batch(next(it), run.mesh))
+    host_batch = next(it)
+    run.show_views(step, host_batch)
+    state, metrics = p_step(state, parallel.shard_batch(host_batch, run.mesh))
     run.end_of_step(step, state, metrics, it)
   return run.finish(state)

@@ -17,21 +17,6 @@ from eercl_jax.models import eercl
 from tests.conftest import REPO, tiny
 
 
-@pytest.fixture(scope="module")
-def source_run(data_dir, tmp_path_factory):
-  """A briefly trained tiny source model (its workdir)."""
-  workdir = str(tmp_path_factory.mktemp("source"))
-  old = os.getcwd()
-  os.chdir(data_dir)
-  try:
-    c = tiny(demo_source.get_config())
-    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
-    train_source.train_and_evaluate(c, workdir)
-  finally:
-    os.chdir(old)
-  return workdir
-
-
 def _config(source_run, **overrides):
   c = tiny(demo_adapt.get_config())
   c.source_checkpoint = source_run
