@@ -29,6 +29,23 @@ def data_dir(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope="session")
+def source_run(data_dir, tmp_path_factory):
+  """A briefly trained tiny source model (its workdir), shared by the tests that only read it."""
+  from configs import demo_source  # pylint: disable=import-outside-toplevel
+  from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("source"))
+  old = os.getcwd()
+  os.chdir(data_dir)
+  try:
+    c = tiny(demo_source.get_config())
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
+    train_source.train_and_evaluate(c, workdir)
+  finally:
+    os.chdir(old)
+  return workdir
+
+
 def tiny(config):
   """Shrinks a demo config to seconds: 32 px images, the smallest ViT and head."""
   config.data.synthetic.update(SMALL_SYNTHETIC)

@@ -1,5 +1,6 @@
 """The source stage: the sharded step on 1 vs 8 devices, checkpoint/resume, and the CLI."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -99,7 +100,12 @@ def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
                "--config.num_steps=6", "--config.log_every=2", "--config.eval_every=3",
                "--config.checkpoint_every=3"], cwd=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[source] final: source accuracy" in proc.stdout and "target accuracy" in proc.stdout
+  # The target first, then the source test set; mean class accuracy beside accuracy.
+  assert "[source] final: target accuracy " in proc.stdout
+  assert "; source test accuracy " in proc.stdout and "(mean class " in proc.stdout
+  results = json.load(open(workdir / "results.json"))
+  assert results["config_file"] == f"{REPO}/configs/demo_source.py"
+  assert json.load(open(workdir / "config.json"))["num_steps"] == 6
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert os.listdir(workdir / "best")
   log = open(workdir / "logs" / "train.log").read()
