@@ -30,8 +30,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
-  _hide_accelerators_from_tensorflow()
   from eercl_jax import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
@@ -43,6 +41,8 @@ def main(argv):
       from eercl_jax import inference  # pylint: disable=import-outside-toplevel
       inference.evaluate_checkpoint(config, _WORKDIR.value)
       return
+    # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
+    _hide_accelerators_from_tensorflow()
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if config.stage == "source":
       from eercl_jax import train_source  # pylint: disable=import-outside-toplevel

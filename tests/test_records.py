@@ -275,3 +275,14 @@ def test_summarize_three_seeds_and_a_missing_run(tmp_path, source_run, capsys):
 
   assert summarize.main([str(root / "raf2expw_seed4")]) == 1
   assert "none of the 1 run(s)" in capsys.readouterr().err
+
+
+def test_mode_keys_are_validated():
+  from eercl_jax import config_defaults  # pylint: disable=import-outside-toplevel
+  c = demo_source.get_config()
+  c.mode = "evaluate"
+  with pytest.raises(ValueError, match="config.mode: 'evaluate'"):
+    config_defaults.validate(c, num_devices=1)
+  c.mode, c.eval.checkpoint = "eval", ""
+  with pytest.raises(ValueError, match="config.eval.checkpoint: is empty"):
+    config_defaults.validate(c, num_devices=1)
