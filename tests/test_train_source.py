@@ -68,6 +68,14 @@ def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
   resumed = train_source.train_and_evaluate(_config(), str(tmp_path / "split"))
   assert "resumed from" in open(tmp_path / "split" / "logs" / "train.log").read()
   assert resumed["final"] == pytest.approx(whole["final"])
+  # results.json of the resumed run: the best step's accuracies survive the resume (read back
+  # from the checkpoint), the wall time adds up over both starts.
+  res = json.load(open(tmp_path / "split" / "results.json"))
+  assert res["last_step"] == 4 and res["best_step"] in (2, 4)
+  cm = np.asarray(json.load(open(tmp_path / "split" / "logs" /
+                                 f"confusion_{res['best_step']:06d}.json"))["source"])
+  assert res["lists"]["source"]["best"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
+  assert res["lists"]["source"]["last"]["acc"] == pytest.approx(resumed["final"]["source"])
 
   def params_of(workdir):
     ckpt = checkpoints.RunCheckpoints(str(workdir))
