@@ -4,6 +4,7 @@ seed table (`eercl_jax.summarize`), on the shared tiny source run."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,24 @@ def test_results_and_config_json(source_run):
   log = open(os.path.join(source_run, "logs", "train.log"), encoding="utf-8").read()
   assert "config (also in" in log and "num_steps: 4" in log
   assert "results written to" in log
+
+
+def test_rerun_of_a_finished_run_keeps_its_best_results(source_run, data_dir, monkeypatch,
+                                                        tmp_path):
+  """Rerunning a finished run resumes after its last step: results.json is written again, with
+  the best step's accuracies read back from the checkpoint."""
+  from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(data_dir)
+  copy = tmp_path / "copy"
+  shutil.copytree(source_run, copy, ignore=shutil.ignore_patterns("eval", "run.lock"))
+  before = _json(copy / "results.json")
+  c = tiny(demo_source.get_config())
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
+  train_source.train_and_evaluate(c, str(copy))
+  after = _json(copy / "results.json")
+  assert after["lists"] == before["lists"] and after["best_step"] == before["best_step"] == 4
+  assert after["wall_time_s"] > before["wall_time_s"]   # summed over both starts
 
 
 def test_config_in_tensorboard_hparams(source_run):
