@@ -189,9 +189,9 @@ class Run:
       self.lock.acquire()
     logs.setup_file_log(workdir)
     self.writer = logs.create_writer(workdir)
-    self._record_config(config, workdir)
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
+    self._record_config(config, workdir)
     self.ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
     self.best = Best()
     self.start_step = 0
