@@ -78,6 +78,16 @@ def _optim(lr: float, weight_decay: float, schedule: str) -> ml_collections.Conf
   })
 
 
+def _mode(c: ml_collections.ConfigDict) -> None:
+  """What `python -m eercl_jax.main` does with the config (both stages)."""
+  c.mode = "train"                       # 'train' | 'eval': score a checkpoint of the workdir
+  c.eval = ml_collections.ConfigDict({   # mode='eval' only (eercl_jax/inference.py)
+      "checkpoint": "best",              # 'best' | 'latest' of --workdir, or a run/step folder
+      "lists": "",                       # comma-separated list files ([name=]path); '' = eval_lists
+      "output": "",                      # JSON file; '' = WORKDIR/eval/<checkpoint>_step<N>.json
+  })
+
+
 def source_config(source: str = "raf", target: str = "expw") -> ml_collections.ConfigDict:
   """Stage 1: supervised training on the labelled source list."""
   c = ml_collections.ConfigDict()
@@ -100,6 +110,7 @@ def source_config(source: str = "raf", target: str = "expw") -> ml_collections.C
   c.eval_every = 500
   c.checkpoint_every = 1000
   c.keep_checkpoints = 4
+  _mode(c)
   return c
 
 
@@ -134,6 +145,7 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
   c.eval_at_start = True                 # evaluate the source model first (side-by-side summary)
   c.checkpoint_every = 500
   c.keep_checkpoints = 1
+  _mode(c)
   c.adapt = ml_collections.ConfigDict({
       "ema_decay": 0.99,                 # teacher <- decay*teacher + (1-decay)*online, each step
       "fix_classifier": True,            # the classifier is frozen (no update, no decay)
@@ -191,6 +203,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   _require(config.data.select_by in config.data.eval_lists, "data.select_by",
            f"{config.data.select_by!r} is not one of config.data.eval_lists "
            f"{sorted(config.data.eval_lists)}")
+  mode = config.get("mode", "train")
+  _require(mode in ("train", "eval"), "mode", f"{mode!r}: expected 'train' or 'eval'")
+  if mode == "eval":
+    _require(bool(config.eval.checkpoint), "eval.checkpoint",
+             "is empty: 'best', 'latest', or a run's (or checkpoint step's) folder")
   registry.lr_mult(m, config.optim)    # unknown groups
   optim.make_schedule(config.optim)    # unknown schedule
 

@@ -2,6 +2,8 @@
 
 `config.stage` picks the loop: 'source' (supervised source training) or 'adapt' (source-free
 adaptation). Rerunning the same command resumes from the latest checkpoint in the workdir.
+`--config.mode=eval` instead scores the workdir's best (or `--config.eval.checkpoint=latest`, or
+a given) checkpoint on the run's evaluation lists or `--config.eval.lists` (eercl_jax/inference.py).
 """
 from __future__ import annotations
 
@@ -28,15 +30,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
-  _hide_accelerators_from_tensorflow()
   from eercl_jax import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   parallel.resolve_batch_sizes(config)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  logging.info("config:\n%s", config)
+  from eercl_jax import records  # pylint: disable=import-outside-toplevel
+  records.set_config_file(config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
+    if config.get("mode", "train") == "eval":
+      from eercl_jax import inference  # pylint: disable=import-outside-toplevel
+      inference.evaluate_checkpoint(config, _WORKDIR.value)
+      return
+    # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
+    _hide_accelerators_from_tensorflow()
+    os.makedirs(_WORKDIR.value, exist_ok=True)
     if config.stage == "source":
       from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
       train_source.train_and_evaluate(config, _WORKDIR.value)

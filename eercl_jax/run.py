@@ -39,6 +39,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -47,7 +48,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eercl_jax import checkpoints, config_defaults, evaluation, logs, optim, parallel, pictures
+from eercl_jax import (checkpoints, config_defaults, evaluation, logs, optim, parallel, pictures,
+                       records)
 from eercl_jax.models import registry
 
 
@@ -157,9 +159,11 @@ def non_finite_paths(tree) -> list[str]:
 
 @dataclasses.dataclass
 class Best:
-  """The best evaluation so far by `config.data.select_by` (value -1: none yet)."""
+  """The best evaluation so far by `config.data.select_by` (value -1: none yet), with the
+  accuracies of every list at that step ({name: {'acc', 'mean_class_acc'}})."""
   value: float = -1.0
   step: int = -1
+  lists: dict = dataclasses.field(default_factory=dict)
 
 
 class Run:
@@ -188,6 +192,7 @@ class Run:
     self.writer = logs.create_writer(workdir)
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
+    self._record_config(config, workdir)
     self.ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
     self.best = Best()
     self.start_step = 0
@@ -201,9 +206,19 @@ class Run:
     self._stop_signal = 0
     self._finite_step = -1   # the last step whose state was found finite
     self._views_shown = False
+    self._started, self._elapsed_before = time.time(), 0.0   # wall time, over resumes
     self._install_signal_handlers()
 
   # -------------------------------------------------------------------------------- start-up
+
+  def _record_config(self, config, workdir: str) -> None:
+    """config.json, the config in the log and in TensorBoard's hparams; a results.json of an
+    earlier finish is removed (the run is not finished while it continues)."""
+    records.write_config(workdir, config)
+    logging.info("config (also in %s):\n%s", os.path.join(workdir, records.CONFIG_FILE), config)
+    self.writer.write_hparams(records.hparams(config))
+    if jax.process_index() == 0:
+      _remove(os.path.join(workdir, records.RESULTS_FILE))
 
   def set_evaluation(self, model, evals: dict) -> None:
     """The model whose eval-mode predictions are scored on `evals` ({name: FerList})."""
@@ -225,6 +240,7 @@ class Run:
       checkpoints.check_resume_config(meta.get("config", {}), self.config, latest, str(where))
       state, data, meta = self.ckpt.restore_latest(checkpoints.abstract_like(state))
       self.best = Best(**meta.get("best", {}))
+      self._elapsed_before = float(meta.get("elapsed_s", 0.0))
       if record is not None:
         fields = {f.name for f in dataclasses.fields(record)}
         record = dataclasses.replace(record, **{k: v for k, v in meta.items() if k in fields})
@@ -330,7 +346,7 @@ class Run:
     self.results = self.evaluate(step, _variables(state))
     value = self.results[select_by]["accuracy"]
     if value >= self.best.value:   # ties -> the later checkpoint, as the original
-      self.best = Best(value, step)
+      self.best = Best(value, step, {k: records.acc_pair(r) for k, r in self.results.items()})
       self.ckpt.save(step, state, {"iterator": None},
                      self._meta(step, record, selected_by=select_by,
                                 selection=self.selection_note or select_by), best=True)
@@ -346,16 +362,18 @@ class Run:
     self.ckpt.save(step, state, data, self._meta(step, record))
 
   def _meta(self, step: int, record: Any, **extra) -> dict:
-    meta = {"best": dataclasses.asdict(self.best), **extra}
+    meta = {"best": dataclasses.asdict(self.best), "elapsed_s": self._elapsed(), **extra}
     if record is not None:
       meta.update(dataclasses.asdict(record))
     return checkpoints.run_meta(self.config, step, meta)
 
   # ----------------------------------------------------------------------------------- end
 
-  def finish(self, state: Any, source_only: dict[str, float] | None = None) -> dict:
-    """Closes the writers and checkpoints; logs and prints the final accuracies (beside the
-    source-only ones when given). Returns {'final', 'best', 'results'}."""
+  def finish(self, state: Any, source_only: dict | None = None) -> dict:
+    """Closes the writers and checkpoints; writes results.json; logs and prints the final
+    accuracy and mean class accuracy of each list, the target first and the source test set as
+    forgetting (after adaptation), beside the source-only ones when given ({name: accuracy or
+    {'acc', 'mean_class_acc'}}). Returns {'final', 'best', 'results'}."""
     self.writer.flush()
     self.ckpt.close()
     self.lock.release()
@@ -366,14 +384,39 @@ class Run:
     select_by, note = self.config.data.select_by, self.selection_note
     best = (f"best {select_by} {self.best.value * 100:.2f}% at step {self.best.step}"
             + (f" ({note})" if note else ""))
-    if source_only is None:
-      summary = " | ".join(f"{k} accuracy {v * 100:.2f}%" for k, v in final.items())
-    else:
-      summary = "; ".join(f"{k}: source-only {source_only.get(k, float('nan')) * 100:.2f}% -> "
-                          f"adapted {v * 100:.2f}%" for k, v in final.items())
+    pairs = None if source_only is None else {
+        k: v if isinstance(v, dict) else {"acc": v, "mean_class_acc": float("nan")}
+        for k, v in source_only.items()}
+    document = records.results(
+        self.config, self.workdir, selection=f"best {select_by} accuracy"
+        + (f" ({note})" if note else ""), best_step=self.best.step,
+        last_step=int(jax.device_get(state.step)), best=self.best.lists or None,
+        last=self.results, source_only=pairs, wall_time_s=self._elapsed(), mesh=self.mesh)
+    path = records.write_results(self.workdir, document)
+    summary = "; ".join(self._summary_part(name, entry, pairs is not None)
+                        for name, entry in document["lists"].items())
     logging.info("final (step %d): %s; %s", self.config.num_steps, summary, best)
+    logging.info("results written to %s", path)
     print(f"[{self.stage}] final: {summary}; {best}", flush=True)
     return {"final": final, "best": dataclasses.asdict(self.best), "results": self.results}
+
+  def _summary_part(self, name: str, entry: dict, side_by_side: bool) -> str:
+    role = entry["role"]
+    if role == "source_test":
+      label = "forgetting (source test)" if self.stage == "adapt" else "source test"
+    else:
+      label = name
+    pct = lambda pair: (f"{pair['acc'] * 100:.2f}% (mean class "
+                        f"{pair['mean_class_acc'] * 100:.2f}%)")
+    if not side_by_side:
+      return f"{label} accuracy {pct(entry['last'])}"
+    before = entry["source_only"] or {"acc": float("nan"), "mean_class_acc": float("nan")}
+    return f"{label}: source-only {pct(before)} -> adapted {pct(entry['last'])}"
+
+  def _elapsed(self) -> float:
+    """Wall time of the run so far, summed over its resumes (up to the last checkpoint's
+    save for the attempts that were killed)."""
+    return self._elapsed_before + time.time() - self._started
 
 
   # ------------------------------------------------------------------------------ preemption

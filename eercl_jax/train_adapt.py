@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from eercl_jax import banks as bank_lib
-from eercl_jax import checkpoints, logs, losses, optim, parallel
+from eercl_jax import checkpoints, logs, losses, optim, parallel, records
 from eercl_jax.data import lists, pipelines
 from eercl_jax.models import eercl, layers
 from eercl_jax import run as run_lib
@@ -313,7 +313,9 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
 @dataclasses.dataclass
 class AdaptRecord:
   """What the adaptation loop remembers across a resume (saved in the checkpoint metadata)."""
-  source_only: Optional[dict] = None   # accuracies of the source model, before step 1
+  # {list: {'acc', 'mean_class_acc'}} of the source model, before step 1 (older checkpoints
+  # hold {list: acc})
+  source_only: Optional[dict] = None
   stream: int = 0                      # index of the shuffled training stream (one per refresh)
 
 
@@ -349,7 +351,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # The source model on the same evaluation, for the side-by-side summary (step 0).
     results = run.evaluate(0, {"params": state.params, "batch_stats": state.batch_stats},
                            save_confusions=False)
-    record.source_only = {k: r["accuracy"] for k, r in results.items()}
+    record.source_only = {k: records.acc_pair(r) for k, r in results.items()}
 
   def new_iterator(stream: int, iterator_state=None):
     it = iter(pipelines.train_dataset(
@@ -382,5 +384,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, metrics = p_step(state, parallel.shard_batch(host_batch, run.mesh))
     run.end_of_step(step, state, metrics, it, record)
   out = run.finish(state, source_only=record.source_only or {})
-  out["source_only"] = record.source_only or {}
+  out["source_only"] = {k: v["acc"] if isinstance(v, dict) else v
+                        for k, v in (record.source_only or {}).items()}
   return out

@@ -31,10 +31,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def source_run(data_dir, tmp_path_factory):
-  """A briefly trained tiny source model (its workdir), shared by the adaptation tests."""
-  # pylint: disable=import-outside-toplevel
-  from configs import demo_source
-  from eercl_jax import train_source
+  """A briefly trained tiny source model (its workdir), shared by the tests that only read it."""
+  from configs import demo_source  # pylint: disable=import-outside-toplevel
+  from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("source"))
   old = os.getcwd()
   os.chdir(data_dir)

@@ -16,7 +16,7 @@ def test_cli_trains_and_adapts_a_tiny_resnet(data_dir, tmp_path):
                *RESNET_FLAGS, "--config.num_steps=4", "--config.log_every=2",
                "--config.eval_every=4", "--config.checkpoint_every=4"], cwd=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[source] final: source accuracy" in proc.stdout
+  assert "[source] final: target accuracy" in proc.stdout
   step = os.listdir(src / "best")[0]
   meta = json.load(open(src / "best" / step / "meta" / "metadata"))
   assert meta["arch"]["backbone"] == "resnet" and meta["arch"]["size"] == "mu"

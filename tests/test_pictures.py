@@ -46,6 +46,8 @@ def _events(workdir):
     for tag in acc.Tags()["tensors"]:
       for ev in acc.Tensors(tag):
         t = tf.make_ndarray(ev.tensor_proto)
+        if tag.startswith("_hparams_"):   # the run's hparams records (test_records reads them)
+          continue
         if t.dtype == object:   # an image summary: [width, height, png bytes...]
           value = tf.io.decode_png(t[2]).numpy()
         else:

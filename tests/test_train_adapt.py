@@ -1,5 +1,6 @@
 """The adaptation stage: the sharded step on 1 vs 8 devices, exact resume (banks, EMA teacher,
 ring pointers), source-checkpoint checks and the CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -137,8 +138,21 @@ def test_cli_adapts_and_prints_side_by_side(data_dir, source_run, tmp_path):
        "--config.adapt.refresh_batch_size=64"],
       cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[adapt] final: " in proc.stdout and "target: source-only" in proc.stdout
+  assert "[adapt] final: target: source-only " in proc.stdout
+  assert "; forgetting (source test): source-only " in proc.stdout
+  assert "-> adapted " in proc.stdout and "(mean class " in proc.stdout
   assert os.listdir(workdir / "checkpoints") == ["3"] and os.listdir(workdir / "best")
+  # Run records: the resolved config, and results with the source model's evaluation.
+  assert json.load(open(workdir / "config.json"))["source_checkpoint"] == source_run
+  res = json.load(open(workdir / "results.json"))
+  assert res["stage"] == "adapt" and res["config_file"] == f"{REPO}/configs/demo_adapt.py"
+  assert res["selection"] == "best target accuracy (oracle selection: uses target labels)"
+  assert res["last_step"] == res["best_step"] == 3
+  assert [(k, v["role"]) for k, v in res["lists"].items()] == [("target", "target"),
+                                                               ("source", "source_test")]
+  for entry in res["lists"].values():
+    for pair in (entry["source_only"], entry["best"], entry["last"]):
+      assert set(pair) == {"acc", "mean_class_acc"} and 0 <= pair["acc"] <= 1
   log = open(workdir / "logs" / "train.log").read()
   for word in ("aad_attract", "aad_disperse", "instance_nce", "mask_acc", "cluster_mask_acc", "mean_max_prob",
                "bank refresh", "oracle selection"):

@@ -1,5 +1,6 @@
 """The source stage: the sharded step on 1 vs 8 devices, checkpoint/resume, and the CLI."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,14 @@ def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
   resumed = train_source.train_and_evaluate(_config(), str(tmp_path / "split"))
   assert "resumed from" in open(tmp_path / "split" / "logs" / "train.log").read()
   assert resumed["final"] == pytest.approx(whole["final"])
+  # results.json of the resumed run: the best step's accuracies survive the resume (read back
+  # from the checkpoint), the wall time adds up over both starts.
+  res = json.load(open(tmp_path / "split" / "results.json"))
+  assert res["last_step"] == 4 and res["best_step"] in (2, 4)
+  cm = np.asarray(json.load(open(tmp_path / "split" / "logs" /
+                                 f"confusion_{res['best_step']:06d}.json"))["source"])
+  assert res["lists"]["source"]["best"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
+  assert res["lists"]["source"]["last"]["acc"] == pytest.approx(resumed["final"]["source"])
 
   def params_of(workdir):
     ckpt = checkpoints.RunCheckpoints(str(workdir))
@@ -99,7 +108,12 @@ def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
                "--config.num_steps=6", "--config.log_every=2", "--config.eval_every=3",
                "--config.checkpoint_every=3"], cwd=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[source] final: source accuracy" in proc.stdout and "target accuracy" in proc.stdout
+  # The target first, then the source test set; mean class accuracy beside accuracy.
+  assert "[source] final: target accuracy " in proc.stdout
+  assert "; source test accuracy " in proc.stdout and "(mean class " in proc.stdout
+  results = json.load(open(workdir / "results.json"))
+  assert results["config_file"] == f"{REPO}/configs/demo_source.py"
+  assert json.load(open(workdir / "config.json"))["num_steps"] == 6
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert os.listdir(workdir / "best")
   log = open(workdir / "logs" / "train.log").read()

@@ -1,0 +1,261 @@
+"""Using a trained checkpoint: evaluating it on any lists (`--config.mode=eval` of
+`eercl_jax.main`) and the model loading and batched, sharded prediction that `eercl_jax.predict`
+shares with it.
+
+A checkpoint is named by a run's workdir (its best/ or, with 'latest', its checkpoints/ folder),
+one of those folders, or one step's folder inside them (`runs/x/checkpoints/500`). The model,
+the class names and the test view (resize, crop, mean, std) always come from the config stored
+in the checkpoint, so they match the weights whatever config is given; a given config that
+differs in them is reported.
+
+The evaluation JSON (`config.eval.output`, default WORKDIR/eval/<folder>_step<N>.json):
+
+  {"checkpoint": str, "step": int, "stage": str, "class_names": [str],
+   "confusion_convention": "rows = true class, columns = predicted class",
+   "lists": {<name>: {"list": str, "count": int, "accuracy": float,
+                      "mean_class_accuracy": float,
+                      "per_class_accuracy": {<class>: float | null},
+                      "confusion": [[int]]}}}
+
+Accuracies are fractions in 0..1; a class without images has a null per-class accuracy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from eercl_jax import checkpoints, evaluation, parallel
+from eercl_jax.data import lists, pipelines
+
+CONFUSION_CONVENTION = "rows = true class, columns = predicted class"
+# The fields of config.data that must match the weights (taken from the checkpoint).
+_VIEW_KEYS = ("class_names", "resize", "crop", "mean", "std")
+
+
+def resolve_checkpoint(path: str, which: str = "best", what: str = "checkpoint") -> tuple[str, int]:
+  """(orbax folder, step) of `path`: a step folder inside a checkpoint folder, or anything
+  `checkpoints.resolve_run_dir` takes (then its latest step)."""
+  path = os.path.normpath(path) if path else path
+  if path and os.path.basename(path).isdigit() and os.path.isdir(path) and \
+      os.path.isdir(os.path.join(path, "meta")):
+    return os.path.dirname(path), int(os.path.basename(path))
+  directory = checkpoints.resolve_run_dir(path, which, what=what)
+  step, _ = checkpoints.read_meta(directory)
+  return directory, step
+
+
+def _read_meta_at(directory: str, step: int) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  manager = checkpoints._manager(directory, 1)  # pylint: disable=protected-access
+  try:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r} (steps there: "
+                              f"{sorted(manager.all_steps())})")
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normalization:
+  """The hashable part of `config.data` that `pipelines.normalize` reads."""
+  mean: tuple
+  std: tuple
+
+  @classmethod
+  def of(cls, data_config):
+    return cls(tuple(data_config.mean), tuple(data_config.std))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _logits(model, norm: _Normalization, out_sharding, variables, images):
+  """Eval-mode logits, replicated on every device (a jit cache entry per model, so predicting
+  again with the same architecture does not trace again)."""
+  _, logits = model.apply(variables, pipelines.normalize(images, norm), train=False)
+  return jax.lax.with_sharding_constraint(logits, out_sharding)
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A checkpoint's model and variables, ready to predict."""
+  directory: str
+  step: int
+  meta: dict
+  config: ml_collections.ConfigDict    # the config stored in the checkpoint
+  model: Any
+  variables: dict
+  mesh: Any
+  predict: Any                         # jitted (variables, uint8 images) -> logits, replicated
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.config.data.class_names)
+
+
+def load(path: str, which: str = "best", what: str = "checkpoint", mesh=None) -> Loaded:
+  """The model of a checkpoint (see `resolve_checkpoint`), restored replicated on `mesh`
+  (default: every device)."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import eercl
+  directory, step = resolve_checkpoint(path, which, what)
+  meta = _read_meta_at(directory, step)
+  if "config" not in meta:
+    raise ValueError(f"{directory} step {step}: the checkpoint's metadata holds no config")
+  config = ml_collections.ConfigDict(meta["config"])
+  config.data.class_names = tuple(config.data.class_names)
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  model = eercl.create_model(config.model)
+  variables, _ = checkpoints.restore_variables(directory, model, config.data.crop,
+                                               parallel.replicated(mesh), step=step)
+  predict = functools.partial(_logits, model, _Normalization.of(config.data),
+                              parallel.replicated(mesh))
+  logging.info("loaded %s step %d (%s stage)", directory, step, meta.get("stage"))
+  return Loaded(directory, step, meta, config, model, variables, mesh, predict)
+
+
+def probabilities(loaded: Loaded, fer_list: lists.FerList, batch_size: int,
+                  num_workers: int = 0) -> np.ndarray:
+  """(N, C) softmax probabilities of every image of `fer_list` (test view), in list order;
+  batches are sharded over the mesh as in evaluation and every process gets all rows."""
+  if batch_size % loaded.mesh.devices.size:
+    raise ValueError(f"batch size {batch_size} is not divisible by the "
+                     f"{loaded.mesh.devices.size} devices")
+  batches = pipelines.eval_batches(
+      fer_list, view="test", view_cfg=pipelines.view_config(loaded.config.data),
+      batch_size=batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=num_workers)
+  out = np.zeros((len(fer_list), len(loaded.class_names)), np.float32)
+  for host in batches:
+    b = parallel.shard_batch(host, loaded.mesh)
+    logits = loaded.predict(loaded.variables, b["image"])
+    index, valid = (parallel_gather(b["index"]), parallel_gather(b["valid"]))
+    probs = jax.nn.softmax(np.asarray(jax.device_get(logits), np.float32), -1)
+    out[index[valid]] = np.asarray(probs)[valid]
+  return out
+
+
+def parallel_gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array as a whole numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# --config.mode=eval
+
+def parse_lists(spec: str) -> dict[str, str]:
+  """'a.txt,name=b.txt' -> {'a': 'a.txt', 'name': 'b.txt'} (a name defaults to the file's
+  name without .txt)."""
+  out = {}
+  for item in (s.strip() for s in spec.split(",")):
+    if not item:
+      continue
+    name, sep, path = item.partition("=")
+    if not sep:
+      name, path = os.path.splitext(os.path.basename(item))[0], item
+    if not name or not path:
+      raise ValueError(f"config.eval.lists: {item!r} is not '[name=]path/to/list.txt'")
+    if name in out:
+      raise ValueError(f"config.eval.lists: the name {name!r} is given twice (write name=path)")
+    out[name] = path
+  if not out:
+    raise ValueError(f"config.eval.lists: {spec!r} names no list")
+  return out
+
+
+def _effective_config(config, stored) -> ml_collections.ConfigDict:
+  """The given config with the model and the view fields of the checkpoint's config."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  diffs = []
+  given_model = checkpoints.config_json(config.model)
+  stored_model = checkpoints.config_json(stored.model)
+  for k in sorted(set(given_model) | set(stored_model)):
+    if given_model.get(k) != stored_model.get(k):
+      diffs.append(f"model.{k}: config {given_model.get(k)!r}, checkpoint {stored_model.get(k)!r}")
+  c.model = ml_collections.ConfigDict(stored.model.to_dict())
+  for k in _VIEW_KEYS:
+    given, have = config.data[k], stored.data[k]
+    if list(np.ravel(given)) != list(np.ravel(have)):
+      diffs.append(f"data.{k}: config {given!r}, checkpoint {have!r}")
+    c.data[k] = tuple(have) if isinstance(have, (list, tuple)) else have
+  if diffs:
+    logging.warning("the checkpoint's model and view settings are used, not the config's:\n  %s",
+                    "\n  ".join(diffs))
+  return c
+
+
+def evaluation_document(loaded: Loaded, results: dict[str, dict],
+                        list_paths: dict[str, str]) -> dict:
+  names = list(loaded.class_names)
+  out = {"checkpoint": os.path.abspath(loaded.directory), "step": loaded.step,
+         "stage": loaded.meta.get("stage"), "class_names": names,
+         "confusion_convention": CONFUSION_CONVENTION, "lists": {}}
+  for name, r in results.items():
+    per = {c: (None if np.isnan(a) else float(a)) for c, a in zip(names, r["per_class_accuracy"])}
+    out["lists"][name] = {"list": os.path.abspath(list_paths[name]), "count": r["count"],
+                          "accuracy": r["accuracy"],
+                          "mean_class_accuracy": r["mean_class_accuracy"],
+                          "per_class_accuracy": per, "confusion": r["confusion"].tolist()}
+  return out
+
+
+def format_confusion(confusion: np.ndarray, class_names) -> str:
+  """A text table, rows = true class, columns = predicted."""
+  names = [str(c) for c in class_names]
+  width = max(max(len(n) for n in names), len(str(int(np.max(confusion, initial=0)))), 4)
+  head = " " * width + " | " + " ".join(n[:width].rjust(width) for n in names)
+  rows = [f"{n.rjust(width)} | " + " ".join(str(int(v)).rjust(width) for v in row)
+          for n, row in zip(names, confusion)]
+  return "\n".join(["true \\ predicted", head, "-" * len(head), *rows])
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--config.mode=eval`: scores the checkpoint `config.eval.checkpoint` ('best' / 'latest' of
+  `workdir`, or a folder) on `config.eval.lists` (default `config.data.eval_lists`); prints the
+  metrics and confusion matrices and writes them as JSON. Returns the JSON document."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax import config_defaults
+  mesh = parallel.create_mesh()
+  config_defaults.validate(config, mesh.devices.size, jax.process_count())
+  spec = config.eval.checkpoint
+  if spec in ("best", "latest"):
+    loaded = load(workdir, spec, what=f"--workdir (config.eval.checkpoint={spec!r})", mesh=mesh)
+  else:
+    loaded = load(spec, "best", what="config.eval.checkpoint", mesh=mesh)
+  c = _effective_config(config, loaded.config)
+  if config.eval.lists:
+    list_paths = parse_lists(config.eval.lists)
+  else:   # the run's own evaluation lists, the target first
+    list_paths = dict(sorted(c.data.eval_lists.items(), key=lambda kv: kv[0] != "target"))
+  evals = {name: lists.read_list(path, c.data.image_root, c.data.class_names,
+                                 check_images=c.data.check_images,
+                                 skip_bad_images=c.data.skip_bad_images,
+                                 allow_outside_root=c.data.get("allow_outside_root", False))
+           for name, path in list_paths.items()}
+  predict = evaluation.make_predict(loaded.model, c.data)
+  results = evaluation.evaluate_lists(predict, loaded.variables, evals, c, mesh)
+  document = evaluation_document(loaded, results, list_paths)
+  output = config.eval.output or os.path.join(
+      workdir, "eval", f"{os.path.basename(os.path.normpath(loaded.directory))}_step"
+      f"{loaded.step}.json")
+  lines = [f"checkpoint {loaded.directory} step {loaded.step} ({document['stage']} stage)"]
+  for name, r in results.items():
+    lines.append(evaluation.format_metrics(name, r, c.data.class_names))
+    lines.append(format_confusion(r["confusion"], c.data.class_names))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+      json.dump(document, f, indent=2)
+    lines.append(f"written to {output}")
+    print("\n".join(lines), flush=True)
+  return document

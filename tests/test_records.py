@@ -1,0 +1,307 @@
+"""Run records (config.json, results.json, the config in the log and in TensorBoard's hparams),
+evaluation of a checkpoint (`--config.mode=eval`), prediction (`eercl_jax.predict`) and the
+seed table (`eercl_jax.summarize`), on the shared tiny source run."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo_source
+from eercl_jax import inference, predict, records, summarize
+from eercl_jax.data import lists
+from tests.conftest import REPO
+
+RESULTS_KEYS = {"stage", "seed", "config_file", "workdir", "selection", "best_step", "last_step",
+                "lists", "wall_time_s", "devices", "versions"}
+
+
+def _json(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------------------- run records
+
+def test_results_and_config_json(source_run):
+  config = _json(os.path.join(source_run, "config.json"))
+  assert config["stage"] == "source" and config["num_steps"] == 4
+  assert config["model"]["feat_dim"] == 16 and config["mode"] == "train"
+
+  res = _json(os.path.join(source_run, "results.json"))
+  assert set(res) == RESULTS_KEYS
+  assert res["stage"] == "source" and res["seed"] == config["seed"]
+  assert res["config_file"] is None          # started from Python, not the CLI
+  assert res["workdir"] == os.path.abspath(source_run)
+  assert res["selection"] == "best source accuracy"
+  assert res["best_step"] == res["last_step"] == 4
+  assert list(res["lists"]) == ["target", "source"]     # the target first
+  assert res["lists"]["target"]["role"] == "target"
+  assert res["lists"]["source"]["role"] == "source_test"
+  assert res["devices"] == {"count": jax.device_count(), "kind": jax.devices()[0].device_kind}
+  assert res["versions"]["jax"] == jax.__version__ and res["wall_time_s"] > 0
+  # The last evaluation's accuracies are those of its confusion matrices, as fractions.
+  confusions = _json(os.path.join(source_run, "logs", "confusion_000004.json"))
+  for name, entry in res["lists"].items():
+    assert entry["source_only"] is None
+    cm = np.asarray(confusions[name])
+    per_class = np.diag(cm) / cm.sum(1)
+    assert entry["last"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert entry["last"]["mean_class_acc"] == pytest.approx(per_class.mean())
+    assert entry["best"] == entry["last"]   # the one evaluation is also the best
+
+  log = open(os.path.join(source_run, "logs", "train.log"), encoding="utf-8").read()
+  assert "config (also in" in log and "num_steps: 4" in log
+  assert "results written to" in log
+
+
+def test_rerun_of_a_finished_run_keeps_its_best_results(source_run, data_dir, monkeypatch,
+                                                        tmp_path):
+  """Rerunning a finished run resumes after its last step: results.json is written again, with
+  the best step's accuracies read back from the checkpoint."""
+  from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(data_dir)
+  copy = tmp_path / "copy"
+  shutil.copytree(source_run, copy, ignore=shutil.ignore_patterns("eval", "run.lock"))
+  before = _json(copy / "results.json")
+  c = tiny(demo_source.get_config())
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
+  train_source.train_and_evaluate(c, str(copy))
+  after = _json(copy / "results.json")
+  assert after["lists"] == before["lists"] and after["best_step"] == before["best_step"] == 4
+  assert after["wall_time_s"] > before["wall_time_s"]   # summed over both starts
+
+
+def test_config_in_tensorboard_hparams(source_run):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=import-outside-toplevel
+  events = glob.glob(os.path.join(source_run, "tensorboard", "events.out.tfevents.*"))
+  acc = event_accumulator.EventAccumulator(events[0], size_guidance={"tensors": 0})
+  acc.Reload()
+  content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+  hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+  assert hp["num_steps"].number_value == 4
+  assert hp["model.feat_dim"].number_value == 16
+  assert hp["stage"].string_value == "source"
+  assert json.loads(hp["data.class_names"].string_value) == list(demo_source.get_config()
+                                                                 .data.class_names)
+
+
+def test_hparams_are_flat_scalars():
+  hp = records.hparams(demo_source.get_config())
+  assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
+  assert hp["optim.lr_mult.backbone"] == 1.0 and hp["model.size"] == "mu/8"
+  assert hp["data.eval_lists.target"].endswith("unlabeled_target_images_synth_wild_0.txt")
+
+
+# ------------------------------------------------------------------------------ --mode=eval
+
+@pytest.fixture(scope="module")
+def evaluated(source_run, data_dir):
+  """`--config.mode=eval` of the tiny run's best checkpoint through the CLI."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_source.py",
+       f"--workdir={source_run}", "--config.mode=eval"],
+      cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout, _json(os.path.join(source_run, "eval", "best_step4.json"))
+
+
+def test_eval_mode_cli(evaluated, source_run):
+  stdout, doc = evaluated
+  names = list(demo_source.get_config().data.class_names)
+  assert doc["class_names"] == names and doc["step"] == 4 and doc["stage"] == "source"
+  assert doc["confusion_convention"] == "rows = true class, columns = predicted class"
+  assert doc["checkpoint"] == os.path.join(os.path.abspath(source_run), "best")
+  assert list(doc["lists"]) == ["target", "source"]
+  res = _json(os.path.join(source_run, "results.json"))
+  for name, entry in doc["lists"].items():
+    cm = np.asarray(entry["confusion"])
+    assert cm.shape == (7, 7) and cm.sum() == entry["count"]
+    # Rows are the true classes: each row sums to that class's images in the list.
+    fl = lists.read_list(entry["list"], os.path.join(os.path.dirname(entry["list"]),
+                                                     "..", "..", "fer"), names,
+                         check_images="none")
+    np.testing.assert_array_equal(cm.sum(1), lists.count_per_class(fl))
+    per = [entry["per_class_accuracy"][c] for c in names]
+    np.testing.assert_allclose(per, np.diag(cm) / cm.sum(1))
+    # The same checkpoint, the same evaluation as the run's own at its best step.
+    assert entry["accuracy"] == pytest.approx(res["lists"][name]["best"]["acc"])
+    assert entry["mean_class_accuracy"] == pytest.approx(res["lists"][name]["best"]["mean_class_acc"])
+  assert "true \\ predicted" in stdout and "written to" in stdout
+  assert stdout.index("target: acc=") < stdout.index("source: acc=")
+
+
+def _eval_config(**eval_keys):
+  c = demo_source.get_config()
+  c.mode = "eval"
+  c.eval.update(eval_keys)
+  return c
+
+
+def test_eval_mode_step_folder_named_lists_and_errors(source_run, data_dir, monkeypatch,
+                                                      tmp_path):
+  monkeypatch.chdir(data_dir)
+  target = "data/txt/fer/unlabeled_target_images_synth_wild_0.txt"
+  out = tmp_path / "e.json"
+  doc = inference.evaluate_checkpoint(_eval_config(
+      checkpoint=os.path.join(source_run, "checkpoints", "4"),
+      lists=f"wild={target},data/txt/fer/labeled_source_images_synth_studio.txt",
+      output=str(out)), str(tmp_path))
+  assert doc["checkpoint"] == os.path.join(os.path.abspath(source_run), "checkpoints")
+  assert list(doc["lists"]) == ["wild", "labeled_source_images_synth_studio"]
+  assert _json(out) == doc
+  assert doc["lists"]["labeled_source_images_synth_studio"]["count"] == 7 * 24
+
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    inference.evaluate_checkpoint(_eval_config(checkpoint="nowhere"), str(tmp_path))
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="no orbax checkpoint found in .*empty_run"):
+    inference.evaluate_checkpoint(_eval_config(), str(empty))
+  with pytest.raises(lists.DataError, match="missing.txt: list file not found"):
+    inference.evaluate_checkpoint(_eval_config(lists="missing.txt"), source_run)
+  bad = tmp_path / "bad.txt"
+  bad.write_text("synth_wild/happy/synth_wild_target_0000.jpg 3\nno_label_here\n")
+  with pytest.raises(lists.DataError, match=r"bad.txt:2: expected"):
+    inference.evaluate_checkpoint(_eval_config(lists=str(bad)), source_run)
+  with pytest.raises(ValueError, match="config.eval.lists"):
+    inference.parse_lists("a=x.txt,a=y.txt")
+
+
+# ----------------------------------------------------------------------------------- predict
+
+def test_predict_table_json_csv(evaluated, source_run, data_dir, monkeypatch, capsys):
+  monkeypatch.chdir(data_dir)
+  folder = "data/fer/synth_wild/happy"
+  single = "data/fer/synth_studio/sad/synth_studio_test_0000.jpg"
+  assert predict.main([f"--checkpoint={source_run}", "--format=json", folder, single]) == 0
+  doc = json.loads(capsys.readouterr().out)
+  names = doc["class_names"]
+  files = sorted(os.listdir(folder))
+  assert [p["path"] for p in doc["predictions"]] == [os.path.join(folder, f) for f in files] + [single]
+  for p in doc["predictions"]:
+    probs = np.array([p["probabilities"][c] for c in names])
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert p["class"] == names[int(np.argmax(probs))] == names[p["index"]]
+  # The same test view and model as evaluation: the folder's predictions are the 'happy' row of
+  # the target list's confusion matrix.
+  counts = np.bincount([p["index"] for p in doc["predictions"][:len(files)]], minlength=len(names))
+  np.testing.assert_array_equal(counts,
+                                evaluated[1]["lists"]["target"]["confusion"][names.index("happy")])
+
+  assert predict.main([f"--checkpoint={source_run}", "--format=csv", "--batch_size=8",
+                       single]) == 0
+  rows = capsys.readouterr().out.strip().splitlines()
+  assert rows[0] == "path,class," + ",".join(names)
+  cells = rows[1].split(",")
+  last = doc["predictions"][-1]
+  assert cells[:2] == [single, last["class"]]
+  np.testing.assert_allclose([float(x) for x in cells[2:]],
+                             [last["probabilities"][c] for c in names], atol=1e-5)
+
+  assert predict.main([f"--checkpoint={source_run}", single]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[1].split()[:3] == ["path", "class", "p"] and table[2].split()[:2] == [
+      single, last["class"]]
+
+
+def test_predict_errors(source_run, data_dir, monkeypatch, capsys, tmp_path):
+  monkeypatch.chdir(data_dir)
+  image = "data/fer/synth_studio/sad/synth_studio_test_0000.jpg"
+  assert predict.main(["--checkpoint=nowhere", image]) == 2
+  assert "--checkpoint='nowhere' does not exist" in capsys.readouterr().err
+  text = tmp_path / "notes.txt"
+  text.write_text("hello")
+  assert predict.main([f"--checkpoint={source_run}", str(text)]) == 2
+  assert f"{text}: not an image file" in capsys.readouterr().err
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"not a jpeg at all")
+  assert predict.main([f"--checkpoint={source_run}", image, str(broken)]) == 2
+  err = capsys.readouterr().err
+  assert "1 unreadable image(s)" in err and str(broken) in err
+  assert predict.main([f"--checkpoint={source_run}", str(tmp_path / "gone.png")]) == 2
+  assert "gone.png: no such file or folder" in capsys.readouterr().err
+  (tmp_path / "no_images").mkdir()
+  assert predict.main([f"--checkpoint={source_run}", str(tmp_path / "no_images")]) == 2
+  assert "folder holds no image files" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- summarize
+
+def _fake_results(stage, seed, target, source, source_only=None):
+  pair = lambda a: {"acc": a[0], "mean_class_acc": a[1]}
+  return {"stage": stage, "seed": seed, "config_file": None, "workdir": "x",
+          "selection": "best target accuracy (oracle selection: uses target labels)",
+          "best_step": 10, "last_step": 12,
+          "lists": {"target": {"role": "target",
+                               "source_only": pair(source_only) if source_only else None,
+                               "best": pair(target[1]), "last": pair(target[0])},
+                    "source": {"role": "source_test", "source_only": None,
+                               "best": pair(source), "last": pair(source)}},
+          "wall_time_s": 1.0, "devices": {"count": 1, "kind": "cpu"},
+          "versions": {"jax": "x", "flax": "y", "eercl_jax": None}}
+
+
+def test_summarize_three_seeds_and_a_missing_run(tmp_path, source_run, capsys):
+  root = tmp_path / "runs"
+  # (last acc, last mca), (best acc, best mca) for seeds 1..3
+  for seed, last, best, so in [(1, (0.50, 0.40), (0.55, 0.42), (0.30, 0.20)),
+                               (2, (0.60, 0.45), (0.65, 0.47), (0.30, 0.22)),
+                               (3, (0.70, 0.50), (0.75, 0.52), (0.30, 0.24))]:
+    run = root / f"raf2expw_seed{seed}"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(
+        _fake_results("adapt", seed, (last, best), (0.9, 0.8), so)))
+  (root / "raf2expw_seed4").mkdir()                        # unfinished: no results.json
+  (root / "raf2ck_seed1").mkdir()
+  (root / "raf2ck_seed1" / "results.json").write_text("{truncated")
+  runs = sorted(glob.glob(str(root / "*_seed*")))
+  assert summarize.main([f"--out={root}/summary", *runs, source_run]) == 0
+  md = capsys.readouterr().out
+  assert md.strip() == open(root / "summary.md", encoding="utf-8").read().strip()
+  assert "sample standard deviation (ddof=1)" in md
+  row = next(l for l in md.splitlines() if l.startswith("| raf2expw | target |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # group, list, role, n, seeds, so acc, so mca, acc, mca, best acc, best mca
+  assert cells[:5] == ["raf2expw", "target", "target", "3", "1,2,3"]
+  assert cells[5:] == ["30.00 ± 0.00", "22.00 ± 2.00", "60.00 ± 10.00", "45.00 ± 5.00",
+                       "65.00 ± 10.00", "47.00 ± 5.00"]
+  src = next(l for l in md.splitlines() if l.startswith("| raf2expw | source |"))
+  assert "| source_test | 3 |" in src and "| – | – | 90.00 ± 0.00 |" in src
+  assert md.index("| raf2expw | target |") < md.index("| raf2expw | source |")
+  assert f"{root / 'raf2expw_seed4'}: unfinished: no results.json" in md
+  assert f"{root / 'raf2ck_seed1'}: unreadable results.json" in md
+  assert "oracle selection" in md
+  # The real run's results.json: one run, so no standard deviation.
+  real = next(l for l in md.splitlines() if l.startswith(f"| {os.path.basename(source_run)} | target"))
+  assert "± –" in real and "| 1 |" in real
+
+  import csv  # pylint: disable=import-outside-toplevel
+  rows = list(csv.DictReader(open(root / "summary.csv", encoding="utf-8")))
+  t = next(r for r in rows if r["group"] == "raf2expw" and r["list"] == "target")
+  assert t["n"] == "3" and t["seeds"] == "1 2 3"
+  assert float(t["adapted_acc_mean_pct"]) == pytest.approx(60.0)
+  assert float(t["adapted_acc_std_pct"]) == pytest.approx(10.0)
+  assert float(t["source_only_mca_std_pct"]) == pytest.approx(2.0)
+
+  assert summarize.main([str(root / "raf2expw_seed4")]) == 1
+  assert "none of the 1 run(s)" in capsys.readouterr().err
+
+
+def test_mode_keys_are_validated():
+  from eercl_jax import config_defaults  # pylint: disable=import-outside-toplevel
+  c = demo_source.get_config()
+  c.mode = "evaluate"
+  with pytest.raises(ValueError, match="config.mode: 'evaluate'"):
+    config_defaults.validate(c, num_devices=1)
+  c.mode, c.eval.checkpoint = "eval", ""
+  with pytest.raises(ValueError, match="config.eval.checkpoint: is empty"):
+    config_defaults.validate(c, num_devices=1)
