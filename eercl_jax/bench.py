@@ -50,7 +50,7 @@ SECTIONS = ("step", "refresh", "pipeline", "views", "knn", "smoke")
 
 # bfloat16 dense peaks in TFLOP/s per device, from the vendors' datasheets (substring of
 # `jax.devices()[0].device_kind` -> peak). Large matmuls reach less: ~790 measured on an H200
-# (docs/toolchain.md#vitb16-flops-and-mfu); pass --peak_tflops to measure MFU against that.
+# (docs/toolchain.md#vit-b16-flops-and-mfu); pass --peak_tflops to measure MFU against that.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -83,8 +83,8 @@ _SMOKE_STEPS = flags.DEFINE_integer("smoke_steps", None, "Steps of each smoke ru
 # Flag defaults per preset (a flag given on the command line wins).
 PRESET_FLAGS = {
     "cpu": dict(only=["step", "refresh", "pipeline", "views", "knn"], steps=5, repeats=3,
-                bank_rows=10_000, workers=["0", "1", "2"], image_px=400, pipeline_images=192,
-                pipeline_batch=64, pipeline_size=["256", "224"], refresh_images=384,
+                bank_rows=10_000, workers=["0", "1", "2"], image_px=400, pipeline_images=256,
+                pipeline_batch=64, pipeline_size=["256", "224"], refresh_images=512,
                 views_images=50, knn_sizes=["10000", "100000", "1000000"], knn_dim=256,
                 smoke_steps=0),
     "vit_b16_224": dict(only=["step", "refresh", "pipeline", "views", "knn"], steps=10,
@@ -574,7 +574,7 @@ def main(argv) -> None:
         bench_step(stage, c, steps, repeats, _opt(_BANK_ROWS, preset, "bank_rows"), peak, dev)
     if "refresh" in only:
       lp = write_images(tmp, _opt(_REFRESH_IMAGES, preset, "refresh_images"), image_px)
-      bench_refresh(ada, lp, min(repeats, 2), dev)
+      bench_refresh(ada, lp, min(repeats, 3), dev)
     if "pipeline" in only or "views" in only:
       count = max(_opt(_PIPE_IMAGES, preset, "pipeline_images"),
                   _opt(_PIPE_BATCH, preset, "pipeline_batch"))
@@ -602,7 +602,11 @@ def main(argv) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-  app.run(main, argv=_preset_from_argv(list(sys.argv if argv is None else argv)))
+  try:
+    argv = _preset_from_argv(list(sys.argv if argv is None else argv))
+  except app.UsageError as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+  app.run(main, argv=argv)
 
 
 if __name__ == "__main__":
