@@ -36,7 +36,10 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       "check_images": "decode",          # 'decode' | 'exists' | 'none': validated before training
       "skip_bad_images": False,          # True: skip (count, log) missing/unreadable images
       "allow_outside_root": False,       # True: list paths may be absolute or climb out of root
-      "num_workers": 8,                  # grain decoding worker processes (0 = in-process)
+      # grain decoding worker processes (0 = in-process) and batches in flight per worker;
+      # None = follow the host's cores: min(cores - 1, 16) workers, prefetch 2 (data/host.py).
+      "num_workers": ml_collections.FieldReference(None, field_type=int),
+      "prefetch": ml_collections.FieldReference(None, field_type=int),
       # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
       "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,
                     "test_per_class": 40, "target_per_class": 60, "seed": 0},
@@ -209,6 +212,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _require(bool(config.eval.checkpoint), "eval.checkpoint",
              "is empty: 'best', 'latest', or a run's (or checkpoint step's) folder")
   registry.lr_mult(m, config.optim)    # unknown groups
+  for key, low in (("num_workers", 0), ("prefetch", 1)):
+    value = config.data.get(key)
+    _require(value is None or value >= low, f"data.{key}",
+             f"{value} must be >= {low} (None: follow the host's cores)")
   optim.make_schedule(config.optim)    # unknown schedule
 
   def batch(key: str, value: int) -> None:

@@ -84,7 +84,8 @@ def evaluate_lists(predict, variables, evals: dict, config, mesh) -> dict[str, d
     batches = pipelines.eval_batches(
         fl, view="test", view_cfg=pipelines.view_config(config.data),
         batch_size=config.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers)
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch)
     batches = logs.tty_progress(batches, -(-len(fl) // config.eval_batch_size), f"eval {name}")
     out[name] = evaluate(lambda x: predict(variables, x), batches, config.model.num_classes, put)
     logging.info("%s", format_metrics(name, out[name], config.data.class_names))

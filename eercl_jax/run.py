@@ -50,6 +50,7 @@ from jax.experimental import multihost_utils
 
 from eercl_jax import (checkpoints, config_defaults, evaluation, logs, optim, parallel, pictures,
                        records)
+from eercl_jax.data import host
 from eercl_jax.models import registry
 
 
@@ -207,6 +208,12 @@ class Run:
     self._finite_step = -1   # the last step whose state was found finite
     self._views_shown = False
     self._started, self._elapsed_before = time.time(), 0.0   # wall time, over resumes
+    # Input wait: seconds the step loop spent in `next_batch` since the last log line.
+    self._input_wait, self._window_start = 0.0, time.perf_counter()
+    workers, prefetch = host.from_config(config.data)
+    logging.info("input pipeline: %d grain worker(s), prefetch %d (config.data.num_workers=%s, "
+                 "prefetch=%s; None follows the host's %d cores)", workers, prefetch,
+                 config.data.num_workers, config.data.prefetch, host.available_cores())
     self._install_signal_handlers()
 
   # -------------------------------------------------------------------------------- start-up
@@ -254,6 +261,7 @@ class Run:
       logging.info("best/ held step(s) %s past the resumed step %d (a kill between saves): "
                    "dropped, they are recomputed", dropped, self.start_step)
     self._progress = logs.Progress(self.start_step, self.config.num_steps)
+    self._input_wait, self._window_start = 0.0, time.perf_counter()
     return state, record, iterator_state
 
   def steps(self) -> range:
@@ -261,6 +269,14 @@ class Run:
     return range(self.start_step + 1, self.config.num_steps + 1)
 
   # -------------------------------------------------------------------------- periodic work
+
+  def next_batch(self, iterator) -> Any:
+    """`next(iterator)`, timing how long the step loop waits for its input: the share of
+    the wall time spent here is logged as `train/input_wait` (near 1: the host is the limit)."""
+    t0 = time.perf_counter()
+    batch = next(iterator)
+    self._input_wait += time.perf_counter() - t0
+    return batch
 
   def end_of_step(self, step: int, state: Any, metrics: dict, iterator: Any,
                   record: Any = None) -> None:
@@ -290,6 +306,9 @@ class Run:
       scalars[name] = sums[num] / sums[den] if sums[den] > 0 else float("nan")
     rate, eta = self._progress.tick(step)
     scalars["train/steps_per_sec"] = rate
+    now = time.perf_counter()   # input wait / wall time of the window since the last log
+    scalars["train/input_wait"] = self._input_wait / max(now - self._window_start, 1e-9)
+    self._input_wait, self._window_start = 0.0, now
     # The learning rate of the step just taken (its schedule index is step - 1).
     scalars["train/lr"] = float(self._schedule(step - 1)) * self._backbone_mult
     self.writer.write_scalars(step, scalars)
@@ -299,8 +318,9 @@ class Run:
       logging.warning("step %d: non-finite logged terms %s", step, bad)
     shown = " ".join(f"{label}={scalars[key]:{fmt}}" for key, label, fmt in self.log_keys
                      if key in scalars)
-    logging.info("step %d/%d %s lr=%.2e %.2f steps/s ETA %s", step, self.config.num_steps,
-                 shown, scalars["train/lr"], rate, eta)
+    logging.info("step %d/%d %s lr=%.2e %.2f steps/s input_wait=%.0f%% ETA %s", step,
+                 self.config.num_steps, shown, scalars["train/lr"], rate,
+                 100 * scalars["train/input_wait"], eta)
     return scalars
 
   def evaluate(self, step: int, variables: dict, save_confusions: bool = True) -> dict:

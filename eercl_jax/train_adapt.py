@@ -228,7 +228,7 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, 
       target_list, view=a.refresh_view, view_cfg=pipelines.view_config(config.data),
       batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, prefetch=config.data.prefetch)
   banks = state.banks
   total = -(-len(target_list) // a.refresh_batch_size)
   for host in logs.tty_progress(batches, total, f"bank refresh {refresh_index}"):
@@ -358,7 +358,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         target_list, views=("weak", "strong", "strong"),
         view_cfg=pipelines.view_config(config.data), global_batch=config.batch_size,
         seed=_stream_seed(config.seed, stream), process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers))
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch))
     if iterator_state is not None:
       it.set_state(iterator_state)
     return it
@@ -369,7 +370,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",
                len(target_list), config.num_steps, config.batch_size, run.mesh.devices.size)
   for step in run.steps():
-    host_batch = next(it)  # fetched before the refresh, as the original
+    host_batch = run.next_batch(it)  # fetched before the refresh, as the original
     run.show_views(step, host_batch)
     it_index = step - 1    # the original's iteration index
     if it_index % every == 0:

@@ -85,7 +85,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   it = iter(pipelines.train_dataset(
       train_list, views=("weak",), view_cfg=pipelines.view_config(config.data),
       global_batch=config.batch_size, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers))
+      process_count=jax.process_count(), num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch))
   if iterator_state is not None:
     it.set_state(iterator_state)
   p_step = compile_train_step(config, model, tx, run.mesh)
@@ -93,7 +94,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                len(train_list), config.num_steps, config.batch_size, run.mesh.devices.size,
                jax.process_count())
   for step in run.steps():
-    host_batch = next(it)
+    host_batch = run.next_batch(it)
     run.show_views(step, host_batch)
     state, metrics = p_step(state, parallel.shard_batch(host_batch, run.mesh))
     run.end_of_step(step, state, metrics, it)

@@ -23,7 +23,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from eercl_jax.data import transforms
+from eercl_jax.data import host, transforms
 from eercl_jax.data.lists import FerList
 
 VIEWS = ("weak", "strong", "test")
@@ -241,7 +241,9 @@ class _BatchDataset(grain.IterDataset):
     return _BatchIterator(self._batches, self._num_workers, self._prefetch)
 
 
-def _finish(ds: grain.MapDataset, rows: int, num_workers: int, prefetch: int) -> _BatchDataset:
+def _finish(ds: grain.MapDataset, rows: int, num_workers: int | None,
+            prefetch: int | None) -> _BatchDataset:
+  num_workers, prefetch = host.resolve(num_workers, prefetch)   # None: follow the host's cores
   # Batch before leaving MapDataset land: mp_prefetch hands whole batches to workers
   # round-robin, so a batch never mixes examples from different workers.
   return _BatchDataset(ds.batch(rows, drop_remainder=True), num_workers, prefetch)
@@ -252,13 +254,14 @@ def _finish(ds: grain.MapDataset, rows: int, num_workers: int, prefetch: int) ->
 
 def train_dataset(fer_list: FerList, *, views: Sequence[str], view_cfg: ViewConfig,
                   global_batch: int, seed: int, start_epoch: int = 0, process_index: int = 0,
-                  process_count: int = 1, num_workers: int = 0,
-                  prefetch: int = 2) -> grain.IterDataset:
+                  process_count: int = 1, num_workers: int | None = 0,
+                  prefetch: int | None = 2) -> grain.IterDataset:
   """Infinite stream of this process's rows of each global batch.
 
   Epoch e (from `start_epoch` on) visits the list in the order `epoch_permutation(seed, e)` and
   drops its incomplete last global batch. `iter(ds)` supports get_state()/set_state(); the state
-  ({'next_batch': n}) fits any dataset built with the same arguments except num_workers/prefetch.
+  ({'next_batch': n}) fits any dataset built with the same arguments except num_workers/prefetch
+  (None for either: follow the host's cores, `data/host.py`).
   """
   views = tuple(views)
   for v in views:
@@ -277,7 +280,7 @@ def train_dataset(fer_list: FerList, *, views: Sequence[str], view_cfg: ViewConf
 
 def eval_batches(fer_list: FerList, *, view: str, view_cfg: ViewConfig, batch_size: int,
                  seed: int = 0, epoch: int = 0, process_index: int = 0, process_count: int = 1,
-                 num_workers: int = 0, prefetch: int = 2) -> Iterator[dict]:
+                 num_workers: int | None = 0, prefetch: int | None = 2) -> Iterator[dict]:
   """One pass over the list in order, global batches of `batch_size` (the last one padded, see
   `valid`); this process gets its rows of each. Keys: image, label, index, valid."""
   if view not in ("test", "weak"):

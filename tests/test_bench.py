@@ -1,0 +1,47 @@
+"""`python -m eercl_jax.bench` in its smallest form: every section prints JSON lines with the
+figures' names, units and positive finite values, and the step's XLA FLOPs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SMALLEST = ["--stages=source", "--steps=2", "--repeats=2", "--refresh_images=32",
+            "--image_px=48", "--pipeline_images=32", "--pipeline_batch=16",
+            "--pipeline_size=36,32", "--workers=0", "--views_images=4", "--knn_sizes=1000",
+            "--knn_dim=16", "--peak_tflops=1", "--config.batch_size=16",
+            "--config.bn_group_size=16", "--config.adapt.refresh_batch_size=16",
+            "--config.data.num_workers=0"]
+
+
+def test_bench_cli_prints_one_json_line_per_figure():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "eercl_jax.bench", *SMALLEST], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+  figures = {d["name"]: d for d in lines if "value" in d}
+  skipped = {d["name"]: d["skipped"] for d in lines if "skipped" in d}
+  want = {"step/source/images_per_s", "step/source/step_time_ms", "step/source/gflop_per_step",
+          "step/source/gflop_per_image", "step/source/tflops", "step/source/mfu",
+          "refresh/images_per_s", "views/decode/ms_per_image", "views/strong_view/ms_per_image",
+          "pipeline/folder/source_1view/images_per_s",
+          "pipeline/folder/adapt_3views/images_per_s", "knn/replicated/ms", "knn/sharded/ms"}
+  assert want <= set(figures), (sorted(want - set(figures)), skipped)
+  for name, d in figures.items():
+    assert math.isfinite(d["value"]) and d["value"] > 0, (name, d)
+    assert d["unit"], name
+  step = figures["step/source/gflop_per_step"]
+  assert step["batch"] == 16 and step["devices"] == 2 and step["dtype"] == "float32"
+  # The MFU is the achieved rate over the given peak (1 TFLOP/s per device, 2 devices).
+  assert math.isclose(figures["step/source/mfu"]["value"],
+                      figures["step/source/tflops"]["value"] / 2, rel_tol=1e-9)
+  assert figures["step/source/images_per_s"]["value"] == \
+      16 / (figures["step/source/step_time_ms"]["value"] / 1e3)
+  assert figures["refresh/images_per_s"]["images"] == 32
+  assert figures["knn/sharded/ms"]["layout"] == "sharded x2"
+  # Packed data: measured when eercl_jax.data.pack exists, else a stated reason.
+  assert ("pipeline/packed/source_1view/images_per_s" in figures
+          or "pipeline/packed" in skipped)
