@@ -34,18 +34,20 @@ _DEVICE_VIEW_TAG = 0x44455649   # keeps the device view's key apart from other u
 # ------------------------------------------------------------------------- the device view
 
 
-def draw_weak(index, *, seed: int, epoch: int, resize: int, crop: int):
+@functools.partial(jax.jit, static_argnames=("seed", "resize", "crop"))
+def draw_weak(index, *, seed: int, epoch, resize: int, crop: int):
   """(flip, y, x) of the device weak view of the images `index` in refresh `epoch`: flip with
   p=0.5, y and x uniform in 0..resize-crop; a pure function of (seed, epoch, index)."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _DEVICE_VIEW_TAG), epoch)
 
-  def one(i):
-    k_flip, k_offset = jax.random.split(jax.random.fold_in(key, i))
-    yx = jax.random.randint(k_offset, (2,), 0, resize - crop + 1)
-    return jax.random.bernoulli(k_flip, 0.5), yx[0], yx[1]
-  return jax.vmap(one)(jnp.asarray(index))
+  span = resize - crop + 1
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
+  # One draw per image of (y, x, flip), uniform over (0..span-1, 0..span-1, {0, 1}).
+  draws = jax.vmap(lambda k: jax.random.randint(k, (3,), 0, jnp.array([span, span, 2])))(keys)
+  return draws[:, 2] == 1, draws[:, 0], draws[:, 1]
 
 
+@functools.partial(jax.jit, static_argnames=("crop",))
 def crop_flip(images, flip, y, x, crop: int):
   """The host weak view's geometry on the device: flip the (B, R, R, 3) images horizontally
   where `flip`, then crop `crop` x `crop` at (y, x) (offsets in the flipped image)."""
