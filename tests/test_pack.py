@@ -269,3 +269,39 @@ def test_resident_refresh_batches(root):
     outs.append(np.concatenate(images))
   np.testing.assert_array_equal(outs[0], outs[1])
   assert outs[0].shape == (18, CROP, CROP, 3)
+
+
+def test_refresh_banks_from_the_resident_list(root):
+  """The adaptation's refresh with the resident list: the host view fills the banks exactly as
+  the folder path does; the device view (pixels on the device) fills them from other crops."""
+  from configs import demo_adapt  # pylint: disable=import-outside-toplevel
+  from eercl_jax import optim, train_adapt  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import eercl  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny  # pylint: disable=import-outside-toplevel
+  c = tiny(demo_adapt.get_config())
+  c.data.resize, c.data.crop, c.data.class_names = RESIZE, CROP, CLASSES
+  c.model.num_classes = len(CLASSES)
+  c.data.format, c.adapt.refresh_batch_size = "packed", 8
+  folder, pk = _lists(root)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = eercl.create_model(c.model)
+  tx = optim.for_model(c, frozen=("classifier",))
+  variables = eercl.init_variables(model, jax.random.PRNGKey(0), CROP)
+  state = train_adapt.create_state(c, model, tx, variables, N, mesh)
+  embed = train_adapt._make_embed(model, c)  # pylint: disable=protected-access
+
+  def refresh(fl, res):   # on a copy of the banks: the refresh donates them
+    fresh = state.replace(banks=jax.tree_util.tree_map(jnp.copy, state.banks))
+    return train_adapt.refresh_banks(fresh, fl, 1, embed=embed, config=c, mesh=mesh,
+                                     with_teacher=True, resident=res)[0].banks
+  want = refresh(folder, None)
+  assert resident.for_refresh(pk, c, mesh) is not None
+  got = refresh(pk, resident.for_refresh(pk, c, mesh))
+  for name in ("feat", "score", "aad_feat", "label"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)))
+  c.adapt.refresh_memory, c.adapt.refresh_device_view = "device", True
+  dev = refresh(pk, resident.for_refresh(pk, c, mesh))
+  np.testing.assert_array_equal(np.asarray(dev.label), np.asarray(want.label))
+  assert not np.array_equal(np.asarray(dev.feat), np.asarray(want.feat))   # other crops
+  c.data.format = "folder"
+  assert resident.for_refresh(folder, c, mesh) is None
