@@ -129,6 +129,9 @@ def load_resized(packed_dir: str, size: int, num_threads: Optional[int] = None) 
   def fill(start: int) -> None:
     stop = min(start + 256, n)
     for i, record in zip(range(start, stop), source.__getitems__(range(start, stop))):
+      if int(record["index"]) != i:
+        raise DataError(f"{packed_dir}: record {i} holds list entry {int(record['index'])}; "
+                        "the set is out of order, repack it")
       out[i] = transforms._resize(record["image"], size, size)  # pylint: disable=protected-access
 
   with concurrent.futures.ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
