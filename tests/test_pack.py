@@ -161,6 +161,15 @@ def test_run_lists_read_packed_sets_and_name_the_missing_one(root):
   c.data.format = "zip"
   with pytest.raises(ValueError, match=r"config\.data\.format: 'zip'"):
     config_defaults.validate(c, 1)
+  a = config_defaults.adapt_config("expw")
+  a.adapt.refresh_device_view = True
+  with pytest.raises(ValueError, match=r"config\.adapt\.refresh_device_view: needs .*'packed'"):
+    config_defaults.validate(a, 1)
+  a.data.format, a.adapt.refresh_memory = "packed", "gpu"
+  with pytest.raises(ValueError, match=r"config\.adapt\.refresh_memory: 'gpu'"):
+    config_defaults.validate(a, 1)
+  a.adapt.refresh_memory = "device"
+  config_defaults.validate(a, 1)
 
 
 def test_cli_packs_resized_and_weak_test_views_stay_bit_identical(root):
