@@ -40,6 +40,10 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       # None = follow the host's cores: min(cores - 1, 16) workers, prefetch 2 (data/host.py).
       "num_workers": ml_collections.FieldReference(None, field_type=int),
       "prefetch": ml_collections.FieldReference(None, field_type=int),
+      # 'folder': decode the list's image files; 'packed': read every list of the run from its
+      # packed set <packed_root>/<list file stem> (python -m eercl_jax.data.pack; docs/data.md).
+      "format": "folder",
+      "packed_root": "data/packed",
       # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
       "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,
                     "test_per_class": 40, "target_per_class": 60, "seed": 0},
@@ -158,6 +162,11 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
       "refresh_every": 50,               # full bank refresh + clustering every this many steps
       "refresh_view": "weak",            # 'weak' (original, random view) | 'test'
       "refresh_batch_size": 128,
+      # With data.format='packed': where the refresh holds the target list's pixels, resized
+      # once ('host': a numpy array in RAM, 'device': replicated on every device, 'none':
+      # read through the input pipeline at each refresh).
+      "refresh_memory": "host",
+      "refresh_device_view": False,      # True: the refresh view's crop/flip runs on the device
       "cluster_min_size": 0,             # classes with more members than this are cluster targets
       "mask_threshold": 0.95,            # teacher confidence that admits a sample to the contrast
       "class_contrast_weight": 1.0,      # relation-weighted contrast against cluster labels
@@ -211,6 +220,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   if mode == "eval":
     _require(bool(config.eval.checkpoint), "eval.checkpoint",
              "is empty: 'best', 'latest', or a run's (or checkpoint step's) folder")
+  d = config.data
+  _require(d.format in ("folder", "packed"), "data.format",
+           f"{d.format!r}: expected 'folder' or 'packed'")
+  _require(d.format == "folder" or bool(d.packed_root), "data.packed_root",
+           "must name the folder of the packed sets when config.data.format='packed'")
   registry.lr_mult(m, config.optim)    # unknown groups
   for key, low in (("num_workers", 0), ("prefetch", 1)):
     value = config.data.get(key)
@@ -240,6 +254,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _require(a.refresh_every > 0, "adapt.refresh_every", f"{a.refresh_every} must be positive")
     _require(a.refresh_view in ("weak", "test"), "adapt.refresh_view",
              f"{a.refresh_view!r}: expected 'weak' or 'test'")
+    _require(a.refresh_memory in ("host", "device", "none"), "adapt.refresh_memory",
+             f"{a.refresh_memory!r}: expected 'host', 'device' or 'none'")
+    _require(not a.refresh_device_view or (d.format == "packed" and a.refresh_memory != "none"),
+             "adapt.refresh_device_view", "needs config.data.format='packed' and "
+             "config.adapt.refresh_memory 'host' or 'device' (resident pixels)")
     _require(a.aad_neighbours > 0, "adapt.aad_neighbours",
              f"{a.aad_neighbours} must be positive")
     _require(a.negative_bank_size > 0, "adapt.negative_bank_size",

@@ -25,6 +25,7 @@ from absl import logging
 from eercl_jax import banks as bank_lib
 from eercl_jax import checkpoints, logs, losses, optim, parallel, records
 from eercl_jax.data import lists, pipelines
+from eercl_jax.data import resident as resident_lib
 from eercl_jax.models import eercl, layers
 from eercl_jax import run as run_lib
 from eercl_jax.run import Run
@@ -217,26 +218,32 @@ def _cluster(banks: bank_lib.Banks, threshold: int, num_images: int):
 
 
 def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, config, mesh,
-                  with_teacher: bool) -> tuple[AdaptState, dict]:
+                  with_teacher: bool, resident=None) -> tuple[AdaptState, dict]:
   """Writes the online network's normalised features and probabilities of every target image
-  (and, at step 0, the teacher's into the AaD banks), then re-clusters the prototypes."""
+  (and, at step 0, the teacher's into the AaD banks), then re-clusters the prototypes.
+  `resident` (data/resident.py): the target list held in memory, read with no decode."""
   a = config.adapt
   keep = None
   if a.faithful_bank_init:
     keep = _faithful_refresh_rows(len(target_list), config, refresh_index)
-  batches = pipelines.eval_batches(
-      target_list, view=a.refresh_view, view_cfg=pipelines.view_config(config.data),
-      batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+  if resident is not None:
+    batches = resident.batches(a.refresh_view, a.refresh_batch_size, config.seed, refresh_index)
+  else:
+    batches = pipelines.eval_batches(
+        target_list, view=a.refresh_view, view_cfg=pipelines.view_config(config.data),
+        batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
   banks = state.banks
   total = -(-len(target_list) // a.refresh_batch_size)
   for host in logs.tty_progress(batches, total, f"bank refresh {refresh_index}"):
     if keep is not None:
       host = dict(host, valid=host["valid"] & keep[host["index"]])
     b = parallel.shard_batch(host, mesh)
-    feat, score = embed(state.params, state.batch_stats, b["image"])
-    t_feat, t_score = (embed(state.teacher_params, state.teacher_batch_stats, b["image"])
+    images = (b["image"] if resident is None
+              else resident.images(b, a.refresh_view, config.seed, refresh_index))
+    feat, score = embed(state.params, state.batch_stats, images)
+    t_feat, t_score = (embed(state.teacher_params, state.teacher_batch_stats, images)
                        if with_teacher else (feat, score))
     banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
                            t_score, with_teacher)
@@ -365,6 +372,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return it
 
   it = new_iterator(record.stream, iterator_state)
+  resident = resident_lib.for_refresh(target_list, config, run.mesh)
   p_step = compile_adapt_step(config, model, tx, run.mesh, state, len(target_list))
   every = config.adapt.refresh_every
   logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",
@@ -375,7 +383,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     it_index = step - 1    # the original's iteration index
     if it_index % every == 0:
       state, stats = refresh_banks(state, target_list, it_index // every, embed=embed,
-                                   config=config, mesh=run.mesh, with_teacher=it_index == 0)
+                                   config=config, mesh=run.mesh, with_teacher=it_index == 0,
+                                   resident=resident)
       run.writer.write_scalars(it_index, stats)
       logging.info("step %d bank refresh: argmax acc %.4f, cluster acc %.4f (monitoring only)",
                    it_index, stats["refresh/argmax_acc"], stats["refresh/cluster_acc"])

@@ -191,8 +191,9 @@ def test_loop_refresh_cadence_new_stream_and_config_reach(data_dir, source_run, 
   config.checkpoint_every = 5
   refreshes, seen, frozen_arg = [], [], []
 
-  def fake_refresh(state, target_list, refresh_index, *, embed, config, mesh, with_teacher):
-    del target_list, embed, config, mesh
+  def fake_refresh(state, target_list, refresh_index, *, embed, config, mesh, with_teacher,
+                   resident=None):
+    del target_list, embed, config, mesh, resident
     refreshes.append((int(state.step), refresh_index, with_teacher))
     return state, {"refresh/argmax_acc": 0.0, "refresh/cluster_acc": 0.0}
 

@@ -33,6 +33,8 @@ class FerList:
   class_names: tuple[str, ...]
   lines: np.ndarray             # int32 (N,): 1-based line of each kept entry in the list file
   num_skipped: int
+  # A checked packed set holding these images (data/packed.py); None: decode `paths`.
+  packed_dir: str | None = None
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -169,12 +171,23 @@ def read_run_lists(data_config) -> tuple[FerList, dict[str, FerList]]:
       synthetic.ensure_generated(d.synthetic.root, **params)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("synthetic data generated")
-  read = lambda path: read_list(path, d.image_root, tuple(d.class_names),
-                                check_images=d.check_images, skip_bad_images=d.skip_bad_images,
-                                allow_outside_root=d.get("allow_outside_root", False))
+  packed_format = d.get("format", "folder") == "packed"
+  # Packed lists: the packed sets hold the pixels (checked against each list below), so the
+  # image files are not looked at.
+  check_images = "none" if packed_format else d.check_images
+
+  def read(path):
+    fl = read_list(path, d.image_root, tuple(d.class_names), check_images=check_images,
+                   skip_bad_images=d.skip_bad_images,
+                   allow_outside_root=d.get("allow_outside_root", False))
+    if packed_format:
+      from eercl_jax.data import packed
+      fl = packed.attach(fl, d.packed_root, d.resize)
+    return fl
+
   train = read(d.train_list)
   evals = {name: read(path) for name, path in d.eval_lists.items()}
   for name, fl in [("train", train), *evals.items()]:
-    logging.info("list %s: %s (%d images, %d skipped)", name, fl.list_path, len(fl),
-                 fl.num_skipped)
+    logging.info("list %s: %s (%d images, %d skipped)%s", name, fl.list_path, len(fl),
+                 fl.num_skipped, f", packed in {fl.packed_dir}" if fl.packed_dir else "")
   return train, evals

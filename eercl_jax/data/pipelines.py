@@ -23,7 +23,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from eercl_jax.data import host, transforms
+from eercl_jax.data import host, packed, transforms
 from eercl_jax.data.lists import FerList
 
 VIEWS = ("weak", "strong", "test")
@@ -123,11 +123,17 @@ class _Example:
   view_cfg: ViewConfig
   seed: int
   with_valid: bool
+  images: object = None   # pixels by list index (e.g. a resident array); None: the list's own
 
   def __call__(self, located: tuple[int, int, bool]) -> dict:
     epoch, index, valid = located
     try:
-      img = transforms.load_image(self.fer_list.paths[index])
+      if self.images is not None:
+        img = self.images[index]
+      elif self.fer_list.packed_dir:
+        img = packed.read_image(self.fer_list.packed_dir, index)
+      else:
+        img = transforms.load_image(self.fer_list.paths[index])
     except transforms.DataError as e:
       # Passed the start-up check but fails now (changed on disk, or the check was off): name
       # the list and line, which the image path alone does not give.
@@ -280,9 +286,11 @@ def train_dataset(fer_list: FerList, *, views: Sequence[str], view_cfg: ViewConf
 
 def eval_batches(fer_list: FerList, *, view: str, view_cfg: ViewConfig, batch_size: int,
                  seed: int = 0, epoch: int = 0, process_index: int = 0, process_count: int = 1,
-                 num_workers: int | None = 0, prefetch: int | None = 2) -> Iterator[dict]:
+                 num_workers: int | None = 0, prefetch: int | None = 2,
+                 images=None) -> Iterator[dict]:
   """One pass over the list in order, global batches of `batch_size` (the last one padded, see
-  `valid`); this process gets its rows of each. Keys: image, label, index, valid."""
+  `valid`); this process gets its rows of each. Keys: image, label, index, valid. `images`
+  (indexable by list index) replaces the list's own pixels, e.g. a resident array."""
   if view not in ("test", "weak"):
     raise ValueError(f"eval view must be 'test' or 'weak', got {view!r}")
   first_row, rows = process_rows(batch_size, process_index, process_count)
@@ -290,5 +298,5 @@ def eval_batches(fer_list: FerList, *, view: str, view_cfg: ViewConfig, batch_si
   locate = _EvalLocator(len(fer_list), batch_size, first_row, rows, epoch)
   ds = (grain.MapDataset.range(num_batches * rows)
         .map(locate)
-        .map(_Example(fer_list, (view,), view_cfg, seed, with_valid=True)))
+        .map(_Example(fer_list, (view,), view_cfg, seed, with_valid=True, images=images)))
   return iter(_finish(ds, rows, num_workers, prefetch))
