@@ -31,7 +31,6 @@ that cannot run prints {"name", "skipped": reason}. Log lines go to stderr. Sect
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -285,41 +284,67 @@ def read_bench_list(list_path: str, class_names):
 
 # -------------------------------------------------------------------------------- refresh
 
-def bench_refresh(config, list_path: str, repeats: int, dev: dict) -> None:
+def bench_refresh(config, list_path: str, repeats: int, dev: dict, tmp: str) -> None:
+  """The full-list refresh pass, before and after packing: read through the input pipeline
+  (JPEG decode + view on the host), then from the packed list resident in host RAM (host view;
+  device view) and in device memory (device view). One line each, and the speed-ups."""
   # pylint: disable=import-outside-toplevel
+  import dataclasses
   import jax
   from eercl_jax import optim, parallel, train_adapt
-  from eercl_jax.data import host
+  from eercl_jax.data import host, pack, resident as resident_lib
   from eercl_jax.models import eercl
   mesh = parallel.create_mesh()
-  fl = read_bench_list(list_path, tuple(config.data.class_names))
+  class_names = tuple(config.data.class_names)
+  fl = read_bench_list(list_path, class_names)
   model = eercl.create_model(config.model)
   tx = optim.for_model(config, frozen=("classifier",))
   variables = eercl.init_variables(model, jax.random.PRNGKey(0), config.data.crop)
-  state = train_adapt.create_state(config, model, tx, variables, len(fl), mesh)
   embed = train_adapt._make_embed(model, config)  # pylint: disable=protected-access
-  holder = {"state": state, "index": 0}
-
-  def refresh():
-    s, stats = train_adapt.refresh_banks(holder["state"], fl, holder["index"], embed=embed,
-                                         config=config, mesh=mesh, with_teacher=False)
-    jax.block_until_ready(s.banks)
-    holder["state"], holder["index"] = s, holder["index"] + 1
-    return stats
   t0 = time.perf_counter()
-  refresh()      # compiles the embedding, writes and clustering
-  first = time.perf_counter() - t0
-  times = _timed(refresh, max(1, repeats))
-  dt = statistics.median(times)
+  packed_list = dataclasses.replace(fl, packed_dir=pack.pack_list(
+      list_path, fl.image_root, os.path.join(tmp, "refresh_packed"), class_names,
+      resize=config.data.resize, overwrite=True))
+  pack_s = time.perf_counter() - t0
+  variants = (("folder", None, None), ("resident_host/host_view", "host", False),
+              ("resident_host/device_view", "host", True),
+              ("resident_device/device_view", "device", True))
   workers, prefetch = host.from_config(config.data)
-  settings = dict(section="refresh", images=len(fl), image_px=_image_px(list_path),
-                  view=config.adapt.refresh_view, resize=config.data.resize,
-                  crop=config.data.crop, size=model.size, dtype=config.model.dtype,
-                  refresh_batch=config.adapt.refresh_batch_size, workers=workers,
-                  prefetch=prefetch, data_format=config.data.get("format", "folder"),
-                  repeats=len(times), **dev)
-  emit("refresh/images_per_s", len(fl) / dt, "images/s", min_s=min(times), max_s=max(times),
-       first_s=first, **settings)
+  rates = {}
+  for name, memory, device_view in variants:
+    t0 = time.perf_counter()
+    resident = (None if memory is None else
+                resident_lib.Resident(packed_list, config, mesh, memory=memory,
+                                      device_view=device_view))
+    load_s = time.perf_counter() - t0
+    # A fresh state per variant: a refresh donates the banks it is given.
+    state = train_adapt.create_state(config, model, tx, variables, len(fl), mesh)
+    holder = {"state": state, "index": 0}
+
+    def refresh(holder=holder, resident=resident):
+      s, stats = train_adapt.refresh_banks(holder["state"], fl, holder["index"], embed=embed,
+                                           config=config, mesh=mesh, with_teacher=False,
+                                           resident=resident)
+      jax.block_until_ready(s.banks)
+      holder["state"], holder["index"] = s, holder["index"] + 1
+      return stats
+    t0 = time.perf_counter()
+    refresh()      # compiles the embedding, writes and clustering
+    first = time.perf_counter() - t0
+    times = _timed(refresh, max(1, repeats))
+    dt = statistics.median(times)
+    rates[name] = len(fl) / dt
+    emit(f"refresh/{name}/images_per_s", rates[name], "images/s", min_s=min(times),
+         max_s=max(times), first_s=first, load_s=load_s, pack_s=pack_s, section="refresh",
+         images=len(fl), image_px=_image_px(list_path), view=config.adapt.refresh_view,
+         resize=config.data.resize, crop=config.data.crop, size=model.size,
+         dtype=config.model.dtype, refresh_batch=config.adapt.refresh_batch_size,
+         workers=workers if memory is None else 0, prefetch=prefetch, repeats=len(times),
+         **dev)
+    del resident
+  for name, rate in rates.items():
+    if name != "folder":
+      emit(f"refresh/{name}/speedup_vs_folder", rate / rates["folder"], "x", section="refresh")
 
 
 def _image_px(list_path: str) -> int:
@@ -353,20 +378,16 @@ def _time_stream(make_iterator, num_batches: int, batch: int) -> tuple[float, fl
   return num_batches * batch / (t2 - t1), t1 - t0
 
 
-def _packed_sources(fer_list, list_path, class_names, resize, tmp) -> tuple[dict, str | None]:
-  """{label: packed directory} (lossless, and resized to `resize`), or ({}, why not)."""
-  try:
-    pack = importlib.import_module("eercl_jax.data.pack")
-  except ImportError as e:
-    return {}, f"eercl_jax.data.pack is not available ({e})"
-  if not hasattr(pack, "train_dataset"):
-    return {}, ("eercl_jax.data.pack has no train_dataset(packed_dir, views=, view_cfg=, "
-                "global_batch=, seed=, num_workers=, prefetch=)")
+def _packed_lists(fer_list, list_path, class_names, resize, tmp) -> dict:
+  """{label: the list read from a packed set}: lossless, and stored resized to `resize`."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from eercl_jax.data import pack  # pylint: disable=import-outside-toplevel
   out = {}
   for label, size in (("packed", None), ("packed_resized", resize)):
-    out[label] = pack.pack_list(list_path, fer_list.image_root, os.path.join(tmp, label),
-                                class_names, resize=size)
-  return out, None
+    packed_dir = pack.pack_list(list_path, fer_list.image_root, os.path.join(tmp, label),
+                                class_names, resize=size, overwrite=True)
+    out[label] = dataclasses.replace(fer_list, packed_dir=packed_dir)
+  return out
 
 
 def bench_pipeline(config, list_path: str, workers: list[int], images: int, batch: int,
@@ -377,29 +398,27 @@ def bench_pipeline(config, list_path: str, workers: list[int], images: int, batc
   fl = read_bench_list(list_path, class_names)
   view_cfg = pipelines.ViewConfig(resize=size[0], crop=size[1])
   num_batches = max(1, images // batch)
-  sources = {"folder": None}
-  packed, why = _packed_sources(fl, list_path, class_names, size[0], tmp)
-  if why:
-    skip("pipeline/packed", why)
-  sources.update(packed)
-  for fmt, packed_dir in sources.items():
+  sources = {"folder": fl, **_packed_lists(fl, list_path, class_names, size[0], tmp)}
+  rates = {}
+  for fmt, source in sources.items():
     for label, views in (("source_1view", ("weak",)),
                          ("adapt_3views", ("weak", "strong", "strong"))):
       for w in workers:
         _, prefetch = host.resolve(w, config.data.get("prefetch"))
         kw = dict(views=views, view_cfg=view_cfg, global_batch=batch, seed=0, num_workers=w,
                   prefetch=prefetch)
-        if packed_dir is None:
-          make = lambda kw=kw: iter(pipelines.train_dataset(fl, **kw))
-        else:
-          pack = importlib.import_module("eercl_jax.data.pack")
-          make = lambda kw=kw, d=packed_dir: iter(pack.train_dataset(d, **kw))
+        make = lambda kw=kw, source=source: iter(pipelines.train_dataset(source, **kw))
         rate, first = _time_stream(make, num_batches, batch)
+        rates[fmt, label, w] = rate
         emit(f"pipeline/{fmt}/{label}/images_per_s", rate, "images/s", section="pipeline",
              format=fmt, views=len(views), workers=w, prefetch=prefetch, batch=batch,
              images=num_batches * batch, image_px=_image_px(list_path), resize=size[0],
              crop=size[1], first_batch_s=first, cores=host.available_cores(),
              platform=dev["platform"])
+  for (fmt, label, w), rate in rates.items():
+    if fmt != "folder":   # same views, same workers: the packed path against the folder path
+      emit(f"pipeline/{fmt}/{label}/speedup_vs_folder", rate / rates["folder", label, w], "x",
+           section="pipeline", workers=w)
 
 
 # ---------------------------------------------------------------------------------- views
@@ -574,7 +593,7 @@ def main(argv) -> None:
         bench_step(stage, c, steps, repeats, _opt(_BANK_ROWS, preset, "bank_rows"), peak, dev)
     if "refresh" in only:
       lp = write_images(tmp, _opt(_REFRESH_IMAGES, preset, "refresh_images"), image_px)
-      bench_refresh(ada, lp, min(repeats, 3), dev)
+      bench_refresh(ada, lp, min(repeats, 3), dev, tmp)
     if "pipeline" in only or "views" in only:
       count = max(_opt(_PIPE_IMAGES, preset, "pipeline_images"),
                   _opt(_PIPE_BATCH, preset, "pipeline_batch"))

@@ -26,9 +26,14 @@ def test_bench_cli_prints_one_json_line_per_figure():
   skipped = {d["name"]: d["skipped"] for d in lines if "skipped" in d}
   want = {"step/source/images_per_s", "step/source/step_time_ms", "step/source/gflop_per_step",
           "step/source/gflop_per_image", "step/source/tflops", "step/source/mfu",
-          "refresh/images_per_s", "views/decode/ms_per_image", "views/strong_view/ms_per_image",
+          "refresh/folder/images_per_s", "refresh/resident_host/host_view/images_per_s",
+          "refresh/resident_device/device_view/images_per_s",
+          "refresh/resident_host/device_view/speedup_vs_folder", "views/decode/ms_per_image", "views/strong_view/ms_per_image",
           "pipeline/folder/source_1view/images_per_s",
-          "pipeline/folder/adapt_3views/images_per_s", "knn/replicated/ms", "knn/sharded/ms"}
+          "pipeline/folder/adapt_3views/images_per_s",
+          "pipeline/packed/source_1view/images_per_s",
+          "pipeline/packed_resized/adapt_3views/speedup_vs_folder", "knn/replicated/ms",
+          "knn/sharded/ms"}
   assert want <= set(figures), (sorted(want - set(figures)), skipped)
   for name, d in figures.items():
     assert math.isfinite(d["value"]) and d["value"] > 0, (name, d)
@@ -40,8 +45,10 @@ def test_bench_cli_prints_one_json_line_per_figure():
                       figures["step/source/tflops"]["value"] / 2, rel_tol=1e-9)
   assert figures["step/source/images_per_s"]["value"] == \
       16 / (figures["step/source/step_time_ms"]["value"] / 1e3)
-  assert figures["refresh/images_per_s"]["images"] == 32
+  assert figures["refresh/folder/images_per_s"]["images"] == 32
+  # Speed-ups are the ratio of the two measured rates.
+  assert math.isclose(figures["pipeline/packed/source_1view/speedup_vs_folder"]["value"],
+                      figures["pipeline/packed/source_1view/images_per_s"]["value"]
+                      / figures["pipeline/folder/source_1view/images_per_s"]["value"])
   assert figures["knn/sharded/ms"]["layout"] == "sharded x2"
-  # Packed data: measured when eercl_jax.data.pack exists, else a stated reason.
-  assert ("pipeline/packed/source_1view/images_per_s" in figures
-          or "pipeline/packed" in skipped)
+

@@ -18,6 +18,7 @@ The output is written to a temporary folder and renamed when complete.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -150,7 +151,10 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
         features=_features(class_names), examples=_examples(fer_list, resize, threads),
         description=f"FER list {fer_list.list_path} ({len(fer_list)} images), packed by "
                     "eercl_jax.data.pack", data_dir=tmp, file_format="array_record")
-    builder.download_and_prepare()
+    # tfds prints its progress bars and a "prepared" line on stdout; callers (the bench's JSON
+    # lines, a user's script) own stdout, so they go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+      builder.download_and_prepare()
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "list": fer_list.list_path, "image_root": fer_list.image_root,
