@@ -51,7 +51,8 @@ def _run(workdir, accuracies, monkeypatch):
   def fake_evaluate(step, variables, save_confusions=True):
     del variables, save_confusions
     acc = next(scripted)
-    return {"source": {"accuracy": acc}, "target": {"accuracy": acc / 2}}
+    return {"source": {"accuracy": acc, "mean_class_accuracy": acc},
+            "target": {"accuracy": acc / 2, "mean_class_accuracy": acc / 2}}
   monkeypatch.setattr(r, "evaluate", fake_evaluate)
   return r
 
@@ -68,9 +69,10 @@ def test_best_selection_ties_go_to_the_later_step_and_resume_restores_it(tmp_pat
     r.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
     if step == 4:
       break       # "killed" after step 4: checkpoints at 2 and 4 exist
-  assert r.best == run_lib.Best(0.7, 4)        # 0.7 at step 2, tied at step 4: the later wins
+  assert (r.best.value, r.best.step) == (0.7, 4)   # 0.7 at step 2, tied at step 4: the later wins
+  assert r.best.lists["target"] == {"acc": 0.35, "mean_class_acc": 0.35}   # for results.json
   best_step, meta = checkpoints.read_meta(os.path.join(workdir, "best"))
-  assert best_step == 4 and meta["best"] == {"value": 0.7, "step": 4}
+  assert best_step == 4 and (meta["best"]["value"], meta["best"]["step"]) == (0.7, 4)
   assert meta["stream"] == 40 and meta["arch"]["size"] == "mu/8"
   r.ckpt.close()
 
@@ -80,13 +82,14 @@ def test_best_selection_ties_go_to_the_later_step_and_resume_restores_it(tmp_pat
   state, record, it_state = r2.resume(fresh, ToyRecord())
   assert int(state.step) == 4 and list(state.params["w"]) == [4, 4, 4]
   assert record == ToyRecord(stream=40) and it_state == {"position": 4, "blob": b"\x00\x01"}
-  assert r2.best == run_lib.Best(0.7, 4) and list(r2.steps()) == [5, 6]
+  assert r2.best == r.best and list(r2.steps()) == [5, 6]   # the lists' accuracies too
   for step in r2.steps():
     state = state.replace(step=jnp.asarray(step, jnp.int32))
     r2.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
-  assert r2.best == run_lib.Best(0.9, 6)      # 0.7 at step 5 ties the resumed best: step 5
+  assert (r2.best.value, r2.best.step) == (0.9, 6)   # 0.7 at step 5 ties the resumed best
   out = r2.finish(state)
-  assert out["best"] == {"value": 0.9, "step": 6} and out["final"]["source"] == 0.9
+  assert (out["best"]["value"], out["best"]["step"]) == (0.9, 6)
+  assert out["final"]["source"] == 0.9
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["6"]
 
 
@@ -137,7 +140,7 @@ def test_a_kill_between_a_best_save_and_the_next_checkpoint_does_not_block_the_r
   r2 = _run(workdir, accs[2:], monkeypatch)   # resumes at step 2: evaluations 3..6
   state, record, _ = r2.resume(_toy_state(), ToyRecord())
   got = _drive(r2, state, record)            # saving best/3 again must not fail
-  assert got["best"] == want["best"] == {"value": 0.9, "step": 4}
+  assert got["best"] == want["best"] and (got["best"]["value"], got["best"]["step"]) == (0.9, 4)
   assert got["final"] == want["final"]
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["4"]
 
