@@ -82,7 +82,7 @@ _SMOKE_STEPS = flags.DEFINE_integer("smoke_steps", None, "Steps of each smoke ru
 # Flag defaults per preset (a flag given on the command line wins).
 PRESET_FLAGS = {
     "cpu": dict(only=["step", "refresh", "pipeline", "views", "knn"], steps=5, repeats=3,
-                bank_rows=10_000, workers=["0", "1", "2"], image_px=400, pipeline_images=256,
+                bank_rows=10_000, workers=["0", "1", "2"], image_px=400, pipeline_images=1024,
                 pipeline_batch=64, pipeline_size=["256", "224"], refresh_images=512,
                 views_images=50, knn_sizes=["10000", "100000", "1000000"], knn_dim=256,
                 smoke_steps=0),
