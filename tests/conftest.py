@@ -69,3 +69,30 @@ def assert_trees_close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5)
     np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=tol,
                                err_msg=f"{what}{jax.tree_util.keystr(path)}")
   jax.tree_util.tree_map_with_path(check, got, want)
+
+
+def random_variables(model, rs, size):
+  """Random variables of `model`'s shapes for `size`-px images, filled on the host (compiling
+  the Flax initialisers would cost more than the tests that use this). BN running statistics are
+  away from their (0, 1) init, so the momentum update is visible."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, size, size, 3)), train=False))
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      v = rs.uniform(0.5, 1.5, x.shape) if name.endswith("['var']") else 0.3 * rs.randn(*x.shape)
+    elif name.endswith("['scale']"):
+      v = 1.0 + 0.1 * rs.randn(*x.shape)
+    elif len(x.shape) >= 2:            # kernels, embeddings, classifier directions
+      v = rs.randn(*x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    elif name.endswith("['g']"):       # classifier norms: positive
+      v = rs.uniform(1.0, 3.0, x.shape)
+    else:                              # biases
+      v = 0.1 * rs.randn(*x.shape)
+    return jnp.asarray(v, jnp.float32)
+
+  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))

@@ -22,7 +22,7 @@ import pytest
 from configs import demo_adapt
 from eercl_jax import optim, parallel, train_adapt
 from eercl_jax.models import eercl
-from tests.conftest import assert_trees_close as _close
+from tests.conftest import assert_trees_close as _close, random_variables
 
 W, B = 2, 4            # GPUs of the original, images per GPU
 BG = W * B             # global batch
@@ -60,30 +60,6 @@ def _config(backbone):
   # Distinct multipliers, so a parameter in the wrong group shows.
   o.lr_mult = {"backbone": 0.5, "bottleneck": 0.7, "mlp": 1.5, "sfda": 2.0, "classifier": 10.0}
   return c
-
-
-def _variables(model, rs):
-  """Random variables of the right shapes, filled on the host: compiling the Flax initialisers
-  would cost more than the whole test, and any reasonable values do here. BN running
-  statistics are away from their (0, 1) init, so the momentum update is visible."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, SIZE, SIZE, 3)), train=False))
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      v = rs.uniform(0.5, 1.5, x.shape) if name.endswith("['var']") else 0.3 * rs.randn(*x.shape)
-    elif name.endswith("['scale']"):
-      v = 1.0 + 0.1 * rs.randn(*x.shape)
-    elif len(x.shape) >= 2:            # kernels, embeddings, classifier directions
-      v = rs.randn(*x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif name.endswith("['g']"):       # classifier norms: positive
-      v = rs.uniform(1.0, 3.0, x.shape)
-    else:                              # biases
-      v = 0.1 * rs.randn(*x.shape)
-    return jnp.asarray(v, jnp.float32)
-
-  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
 
 
 def _batch(rs, indices):
@@ -320,7 +296,7 @@ def test_two_adapt_steps_match_the_per_gpu_original(backbone):
   config = _config(backbone)
   model = _model(backbone)
   rs = np.random.RandomState(7)
-  variables = _variables(model, rs)
+  variables = random_variables(model, rs, SIZE)
   mesh = parallel.create_mesh(jax.devices()[:1])
   tx = optim.for_model(config, frozen=("classifier",))
   state = train_adapt.create_state(config, model, tx, variables, N, mesh)

@@ -24,7 +24,7 @@ from configs import demo_source
 from eercl_jax import optim, parallel, train_source
 from eercl_jax.models import eercl
 from eercl_jax.models.layers import GroupedBatchNorm
-from tests.conftest import assert_trees_close as _close
+from tests.conftest import assert_trees_close as _close, random_variables
 
 G, B = 2, 4            # BN groups (GPUs of the original), images per group
 BG = G * B             # global batch
@@ -60,30 +60,6 @@ def _config():
   # Distinct multipliers, so a parameter in the wrong group shows.
   o.lr_mult = {"backbone": 0.5, "bottleneck": 0.7, "mlp": 1.5, "sfda": 2.0, "classifier": 3.0}
   return c
-
-
-def _variables(model, rs):
-  """Random variables of the right shapes, filled on the host (compiling the Flax initialisers
-  would cost more than the test). BN running statistics are away from their (0, 1) init, so the
-  momentum update is visible."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, SIZE, SIZE, 3)), train=False))
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      v = rs.uniform(0.5, 1.5, x.shape) if name.endswith("['var']") else 0.3 * rs.randn(*x.shape)
-    elif name.endswith("['scale']"):
-      v = 1.0 + 0.1 * rs.randn(*x.shape)
-    elif len(x.shape) >= 2:
-      v = rs.randn(*x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif name.endswith("['g']"):
-      v = rs.uniform(1.0, 3.0, x.shape)
-    else:
-      v = 0.1 * rs.randn(*x.shape)
-    return jnp.asarray(v, jnp.float32)
-
-  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
 
 
 def _batch(rs):
@@ -197,7 +173,7 @@ def _ref_step(model, ref, batch, config, frozen):
 
 def _setup():
   config, model, rs = _config(), _model(), np.random.RandomState(3)
-  variables = _variables(model, rs)
+  variables = random_variables(model, rs, SIZE)
   return config, model, variables, [_batch(rs), _batch(rs)]
 
 

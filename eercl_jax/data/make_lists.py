@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
            "folder": "any class-per-folder tree (--domain required)"}
   for name in DATASETS:
     p = sub.add_parser(name, parents=[common_args], help=helps[name], description=helps[name])
-    reader(name).add_args(p.add_argument_group(f"{name} options"))
+    mod = reader(name)
+    if hasattr(mod, "add_args"):   # a reader with options of its own
+      mod.add_args(p.add_argument_group(f"{name} options"))
   return parser
 
 
@@ -280,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   image_root = os.path.abspath(image_root)
   src = os.path.abspath(args.src or os.path.join(image_root, domain))
   ctx = common.Context(class_names, image_root, domain, keep_contempt=args.keep_contempt)
-  splits = tuple(mod.splits(args))
+  # A reader whose splits depend on its options has `splits(args)`; the others a fixed SPLITS.
+  splits = tuple(mod.splits(args) if hasattr(mod, "splits") else mod.SPLITS)
   source_default, target_default = _default_roles(mod, splits)
   roles = {SOURCE_ROLE: _split_arg(args.source_splits, source_default, splits,
                                    "--source_splits"),

@@ -33,11 +33,6 @@ def add_args(parser):
                       help="crop each face box and write the crops (JPEG q95)")
 
 
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def _read_csv(csv_path, split, image_dir, args, ctx):
   items = []
   with open(csv_path, newline="", encoding="utf-8-sig") as f:

@@ -26,11 +26,6 @@ def add_args(parser):
                            "(default); 'none': no neutral images")
 
 
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def _emotion(path: str, ctx: common.Context):
   lines = common.read_lines(path)
   if len(lines) != 1:

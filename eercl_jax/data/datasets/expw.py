@@ -21,11 +21,6 @@ def add_args(parser):
                       help="face crops as JPEG quality 95 (default) or lossless PNG")
 
 
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def read(src: str, args, ctx: common.Context) -> list[common.Item]:
   label_file = common.require(src, os.path.join("label", "label.lst"), what="ExpW label file")
   image_dir = common.require(src, os.path.join("image", "origin"), what="ExpW image folder")

@@ -23,15 +23,6 @@ USAGE = {"training": "train", "publictest": "publictest", "privatetest": "privat
 SIDE = 48
 
 
-def add_args(parser):
-  del parser
-
-
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def read(src: str, args, ctx: common.Context) -> list[common.Item]:
   del args
   csv_path = src if os.path.isfile(src) else common.require(

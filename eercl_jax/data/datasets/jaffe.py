@@ -16,15 +16,6 @@ CODES = {"AN": "angry", "DI": "disgust", "FE": "fear", "HA": "happy", "NE": "neu
 _NAME = re.compile(r"([A-Za-z]{2})\.([A-Za-z]{2})(\d*)\.(\d+)\.tiff?", re.IGNORECASE)
 
 
-def add_args(parser):
-  del parser
-
-
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def read(src: str, args, ctx: common.Context) -> list[common.Item]:
   del args
   if not os.path.isdir(src):

@@ -21,11 +21,6 @@ def add_args(parser):
                       help="Image/aligned/*_aligned.jpg (default) or Image/original/*.jpg")
 
 
-def splits(args) -> tuple[str, ...]:
-  del args
-  return SPLITS
-
-
 def read(src: str, args, ctx: common.Context) -> list[common.Item]:
   label_file = common.require(src, os.path.join("EmoLabel", "list_patition_label.txt"),
                               os.path.join("EmoLabel", "list_partition_label.txt"),
