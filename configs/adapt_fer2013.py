@@ -1,12 +1,7 @@
-"""RAF-DB -> FER2013 adaptation with the EERCL recipe of `config_defaults.adapt_config`
-(docs/method.md + the ViT-B optimiser). Name the source run with --config.source_checkpoint."""
-from eercl_jax import config_defaults
+"""RAF-DB -> fer2013 adaptation, ViT-B/16: `configs/adapt.py:target=fer2013` (its docstring has the recipe).
+Name the source run with --config.source_checkpoint."""
+from configs import adapt
 
 
 def get_config():
-  c = config_defaults.adapt_config(target="fer2013", source="raf")
-  # bfloat16 compute with float32 parameters, optimiser state, BN statistics, banks and
-  # losses: GPU tensor cores run bfloat16 ~15x faster than float32 and the two agree
-  # within the tolerances of docs/toolchain.md#mixed-precision (on a CPU: float32).
-  c.model.dtype = "bfloat16"
-  return c
+  return adapt.get_config("target=fer2013")

@@ -1,36 +1,86 @@
-"""Settings of `python -m eercl_jax.bench` (the model, sizes and batches it measures).
+"""Settings of `python -m eercl_jax.bench`: what it measures (`bench`) and the two stage configs
+it measures with (`source`, `adapt`; any field can be overridden, e.g.
+--config.adapt.batch_size=128 or --config.bench.steps=20).
 
-  --config=configs/bench.py             'cpu': tiny ViT at 32 px, float32; about a minute on a CPU
-  --config=configs/bench.py:vit_b16_224 the real job: ViT-B/16 at 224, bfloat16
-  --config=configs/bench.py:gpu_check   vit_b16_224 plus a short source + adaptation smoke run
-  (`--preset=NAME` is short for `--config=configs/bench.py:NAME`)
+  --config=configs/bench.py                   'cpu': the demo's tiny ViT at 32 px, float32
+  --config=configs/bench.py:vit_b16_224       the real job: ViT-B/16 at 224, bfloat16
+  --config=configs/bench.py:gpu_check         vit_b16_224 plus a short source + adaptation run
+  --config=configs/bench.py:configs/adapt_expw.py   a training config (its stage only), with the
+                                              vit_b16_224 settings
 
-Any training config works as well (`--config=configs/adapt_expw.py`): the bench takes its
-model, data sizes, batch sizes and adaptation settings. Random weights; the synthetic images the
-bench writes stand in for the data (a step's cost does not depend on them).
+Random weights; the synthetic images the bench writes stand in for the data (a step's cost does
+not depend on them).
 """
-from eercl_jax import config_defaults
+import importlib.util
+import os
+
+import ml_collections
+
+from configs import adapt, demo_adapt, demo_source, source
 
 PRESETS = ("cpu", "vit_b16_224", "gpu_check")
+SECTIONS = ("step", "refresh", "pipeline", "views", "knn", "smoke")
 
 
-def get_config(preset: str = "cpu"):
-  if preset not in PRESETS:
-    raise ValueError(f"configs/bench.py: unknown preset {preset!r}; expected one of {PRESETS}")
-  c = config_defaults.adapt_config(target="bench", source="bench")
-  c.model.init_from = ""
+def _settings(preset: str) -> ml_collections.ConfigDict:
+  """What the bench measures (eercl_jax/benchmarks.py describes each section)."""
+  cpu = dict(
+      sections=("step", "refresh", "pipeline", "views", "knn"),
+      stages=("source", "adapt"),    # of the step section
+      steps=5, repeats=3,            # timed steps per repeat, timed repeats (step, refresh, knn)
+      bank_rows=10_000,              # target images N of the adaptation step
+      workers=("0", "1", "2"),       # grain worker counts of the pipeline ('auto': the host's)
+      image_px=400,                  # side of the synthetic JPEGs
+      pipeline_images=1024, pipeline_batch=64,
+      pipeline_size=(256, 224),      # resize, crop of the pipeline and views sections
+      refresh_images=512,            # target list length of the refresh section
+      views_images=50,               # images per figure of the views section
+      knn_sizes=(10_000, 100_000, 1_000_000), knn_dim=256,
+      smoke_steps=0,                 # steps of each smoke run (0: none)
+      peak_tflops=0.0)               # per device, for the MFU (0: the device's datasheet peak)
   if preset == "cpu":
-    c.model.size = "mu/8"
-    c.model.bottleneck_dim, c.model.width, c.model.feat_dim = 128, 128, 64
-    c.data.resize, c.data.crop = 36, 32
-    c.model.dtype = "float32"          # CPUs have no fast bfloat16 matmuls
+    return ml_collections.ConfigDict(cpu)
+  real = dict(cpu, steps=10, repeats=5, bank_rows=91_793, workers=("0", "auto"),
+              pipeline_images=2048, pipeline_size=(256, 224), refresh_images=10_000,
+              views_images=200)
+  if preset == "vit_b16_224":
+    return ml_collections.ConfigDict(real)
+  return ml_collections.ConfigDict(dict(   # gpu_check: within 8 minutes on one GPU
+      real, sections=SECTIONS, steps=10, repeats=3, workers=("auto",), pipeline_images=1024,
+      refresh_images=4096, views_images=100, knn_sizes=(100_000, 1_000_000), smoke_steps=10))
+
+
+def _real(stage):
+  """A paper config at a throughput batch for one GPU (the method's global batch is 64)."""
+  stage.model.init_from = ""
+  stage.batch_size = 256
+  if stage.stage == "adapt":
+    stage.adapt.refresh_batch_size = 512
+  return stage
+
+
+def _load(path: str):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(arg: str = "cpu"):
+  c = ml_collections.ConfigDict()
+  if arg.endswith(".py"):                # a training config: its own stage only
+    stage = _load(arg)
+    stage.model.init_from = ""
+    c.bench = _settings("vit_b16_224")
+    c.bench.stages = (stage.stage,)
+    c[stage.stage] = stage
+    return c
+  if arg not in PRESETS:
+    raise ValueError(f"configs/bench.py: unknown preset {arg!r}; expected one of {PRESETS} or "
+                     "a training config file")
+  c.bench = _settings(arg)
+  if arg == "cpu":
+    c.source, c.adapt = demo_source.get_config(), demo_adapt.get_config()
   else:
-    c.model.size = "B/16"
-    # bfloat16 compute, float32 parameters, optimiser state, BN statistics, banks and losses:
-    # the GPUs' tensor cores run bfloat16 at ~16x their float32 rate
-    # (docs/toolchain.md#mixed-precision gives the measured agreement with float32).
-    c.model.dtype = "bfloat16"
-    # A throughput batch for one GPU (the method's global batch is 64: --config.batch_size=64).
-    c.batch_size = 256
-    c.adapt.refresh_batch_size = 512
+    c.source, c.adapt = _real(source.get_config()), _real(adapt.get_config("target=bench"))
   return c

@@ -17,6 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from eercl_jax.errors import CheckpointError, ConfigError
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -89,6 +91,18 @@ def read_meta(directory: str) -> tuple[int, dict]:
   return step, meta
 
 
+def read_meta_at(directory: str, step: int) -> dict:
+  """The metadata of one step of a checkpoint directory."""
+  manager = _manager(directory, 1)
+  try:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r} (steps there: "
+                              f"{sorted(manager.all_steps())})")
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+
+
 def restore_subtree(directory: str, abstract_subtree: dict, step: int | None = None) -> dict:
   """Restores some top-level entries of a checkpoint's `state` item (e.g. only `params` and
   `batch_stats` of a source run) into the shapes, dtypes and shardings of `abstract_subtree`."""
@@ -115,7 +129,7 @@ def resolve_run_dir(path: str, which: str = "best", what: str = "checkpoint") ->
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
   if not path:
-    raise ValueError(f"{what} is empty: name a run's workdir (or its best/ or checkpoints/ "
+    raise ConfigError(f"{what} is empty: name a run's workdir (or its best/ or checkpoints/ "
                      "folder)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what}={path!r} does not exist")
@@ -143,7 +157,8 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   try:
     return restore_subtree(directory, abstract, step), step
   except (ValueError, KeyError) as e:
-    raise ValueError(f"could not restore params/batch_stats from {directory} step {step}: {e}") \
+    raise CheckpointError(f"could not restore params/batch_stats from {directory} step {step}: "
+                          f"{e}") \
         from e
 
 
@@ -178,7 +193,8 @@ def check_model_meta(meta: dict, config, where: str) -> None:
     diffs.append(f"data.class_names: checkpoint {meta.get('class_names')} vs config "
                  f"{list(config.data.class_names)}")
   if diffs:
-    raise ValueError(f"checkpoint {where} does not match the config:\n  " + "\n  ".join(diffs))
+    raise CheckpointError(f"checkpoint {where} does not match the config:\n  "
+                          + "\n  ".join(diffs))
 
 
 def encode_data_state(state: Any) -> Any:
@@ -230,12 +246,12 @@ def check_resume_config(stored: dict, config, step: int, where: str) -> None:
   fixed = [k for k in changed if k.startswith(RESUME_FIXED) and k not in _RESUME_FREE
            and k != "per_device_batch_size"]
   if fixed:
-    raise ValueError(
+    raise ConfigError(
         f"cannot resume {where} (step {step}) with this config: these fields change shapes or "
         "the data stream (use a new --workdir, or restore the old values):\n  "
         + "\n  ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fixed))
   if config.num_steps < step:
-    raise ValueError(f"config.num_steps={config.num_steps} is below the step {step} of the "
+    raise ConfigError(f"config.num_steps={config.num_steps} is below the step {step} of the "
                      f"checkpoint in {where}: the run would end before it starts")
   for k in changed:
     logging.info("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))

@@ -1,5 +1,7 @@
-"""Defaults shared by the files in `configs/`: every knob of both stages with a comment, and the
-one check of a whole config (`validate`) that both stages run at start-up.
+"""Defaults shared by the files in `configs/`: every knob of both stages with a comment, the
+arguments of the config families (`parse_arg`), the one switch that shrinks any config to a
+CPU-sized dry run (`runlocal`), and the one check of a whole config (`validate`) that both
+stages run at start-up.
 
 The numbers are the original's (docs/method.md; docs/config-keys.md maps its keys to ours): the
 ViT-B recipe for the optimiser and the FER method settings for adaptation. Config files in
@@ -9,6 +11,8 @@ ViT-B recipe for the optimiser and the FER method settings for adaptation. Confi
 from __future__ import annotations
 
 import ml_collections
+
+from eercl_jax.errors import ConfigError
 
 # The class order the lists use (alphabetical, as the original's folder names); RAF-DB's native
 # order can be chosen by overriding this tuple - every list is checked against it.
@@ -61,7 +65,11 @@ def _model(backbone: str = "vit") -> ml_collections.ConfigDict:
       "width": 1024,
       "feat_dim": 256,                   # the feature used by classifier, banks and clustering
       "dropout": 0.5,
-      "dtype": "float32",                # compute dtype: 'bfloat16' on GPUs
+      # Compute dtype. The paper configs use 'bfloat16': parameters, optimiser state, BN
+      # statistics, the head, banks and losses stay float32, GPU tensor cores run bfloat16 at
+      # ~16x their float32 rate, and the two agree within the tolerances of
+      # docs/toolchain.md#mixed-precision. CPUs have no fast bfloat16: 'float32' there.
+      "dtype": "float32",
       "remat": False,                    # rematerialise backbone blocks: memory for compute
       # Local pretrained backbone for the source stage: a public JAX ViT .npz (AugReg), a timm
       # ViT or torchvision ResNet state dict (.pth/.bin/.safetensors). '' = random init.
@@ -184,11 +192,88 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Config families and the CPU-sized dry run
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """The argument of a config family, `file.py:key=value,flag,...` (big_vision's style): each
+  `key=value` overrides a default (its type kept: 'true'/'false' for booleans), a bare `flag`
+  sets a boolean default to True. An unknown key is an error naming the known ones."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r}: unknown; the arguments are "
+                        f"{', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if sep and value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config argument {key}={value!r}: expected true or false")
+      out[key] = (value.lower() in ("true", "1")) if sep else True
+    elif not sep:
+      raise ConfigError(f"config argument {key!r}: give a value ({key}=...)")
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  return out
+
+
+# The built-in synthetic set's size in a dry run: 168 source training, 56 source test and 112
+# target images of 32 px (seconds to generate).
+RUNLOCAL_SYNTHETIC = dict(image_size=32, train_per_class=24, test_per_class=8,
+                          target_per_class=16)
+
+
+def synthetic_data(c: ml_collections.ConfigDict, root: str = "data") -> ml_collections.ConfigDict:
+  """The built-in synthetic set (generated under `root` at start) in place of the config's
+  data sets, keeping each list's role: the source stage trains on the studio domain's training
+  list, the adaptation adapts to the wild domain; both evaluate on the wild target list and the
+  studio test list."""
+  from eercl_jax.data.datasets import synthetic  # pylint: disable=import-outside-toplevel
+  paths = synthetic.list_paths(root)
+  d = c.data
+  d.synthetic.enabled, d.synthetic.root = True, root
+  d.image_root = paths["image_root"]
+  d.train_list = paths["source_train"] if c.stage == "source" else paths["target"]
+  d.eval_lists = {"target": paths["target"], "source": paths["source_test"]}
+  d.format = "folder"
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config of either stage to a CPU-sized dry run of its code path (about a minute
+  on two cores): the backbone's test size with a tiny head, 32-px crops, float32, no
+  pretrained file, batches of 32 in BN groups of 16, 10 steps, no data workers, and the
+  built-in synthetic set standing in for the data sets (`synthetic_data`). The method and its
+  settings are the config's. The tests, the benchmark's CPU preset and the demo start from
+  it."""
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.models import registry
+  m = c.model
+  m.size = registry.get(m.backbone).test_size
+  m.bottleneck_dim = m.width = 32
+  m.feat_dim = 16
+  m.dtype, m.remat, m.init_from = "float32", False, ""
+  synthetic_data(c)
+  c.data.synthetic.update(RUNLOCAL_SYNTHETIC)
+  c.data.resize, c.data.crop = 36, 32
+  c.data.num_workers = 0
+  c.batch_size, c.bn_group_size, c.eval_batch_size = 32, 16, 64
+  c.per_device_batch_size = 0
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 10, 5, 10, 10
+  if c.stage == "adapt":
+    c.adapt.refresh_every, c.adapt.refresh_batch_size = 5, 64
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
 # The one check of a config, at start-up, before any data is read
 
 def _require(ok: bool, key: str, message: str) -> None:
   if not ok:
-    raise ValueError(f"config.{key}: {message}")
+    raise ConfigError(f"config.{key}: {message}")
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:
@@ -199,23 +284,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   _require(config.stage in ("source", "adapt"), "stage",
            f"{config.stage!r}: expected 'source' or 'adapt'")
   m = config.model
-  try:
-    entry = registry.get(m.backbone)
-  except ValueError as e:
-    raise ValueError(str(e)) from None
-  try:
-    entry.parse_size(registry.size_of(m))
-  except ValueError as e:
-    raise ValueError(f"config.model.size: {e}") from None
-  _require(m.dtype in eercl.DTYPES, "model.dtype",
-           f"{m.dtype!r}: expected one of {sorted(eercl.DTYPES)}")
+  eercl.create_model(m)                # backbone, size, dtype
   _require(len(config.data.class_names) == m.num_classes, "data.class_names",
            f"has {len(config.data.class_names)} names but config.model.num_classes is "
            f"{m.num_classes}")
   _require(config.data.select_by in config.data.eval_lists, "data.select_by",
            f"{config.data.select_by!r} is not one of config.data.eval_lists "
            f"{sorted(config.data.eval_lists)}")
-  mode = config.get("mode", "train")
+  mode = config.mode
   _require(mode in ("train", "eval"), "mode", f"{mode!r}: expected 'train' or 'eval'")
   if mode == "eval":
     _require(bool(config.eval.checkpoint), "eval.checkpoint",
@@ -227,7 +303,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
            "must name the folder of the packed sets when config.data.format='packed'")
   registry.lr_mult(m, config.optim)    # unknown groups
   for key, low in (("num_workers", 0), ("prefetch", 1)):
-    value = config.data.get(key)
+    value = config.data[key]
     _require(value is None or value >= low, f"data.{key}",
              f"{value} must be >= {low} (None: follow the host's cores)")
   optim.make_schedule(config.optim)    # unknown schedule

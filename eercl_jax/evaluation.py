@@ -1,15 +1,24 @@
-"""Evaluation: eval-mode predictions over the evaluation lists, confusion matrices, accuracy,
-per-class and mean class accuracy, and their scalars and JSON files."""
+"""The evaluator: a model's one eval-mode forward, jitted once, and everything computed with it -
+accuracies and confusion matrices on lists (training, eval mode), class probabilities (predict),
+and L2-normalised features with probabilities (the adaptation's bank refresh, the feature map).
+
+Built once per run from the config (`Evaluator.from_config`); every caller shares it, so an
+evaluation during training, `--config.mode=eval` and `predict` score images the same way: the
+test view, the config's normalisation, batches sharded over the mesh, each image exactly once.
+"""
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from eercl_jax import logs, losses, parallel
+from eercl_jax.data import lists, pipelines
 
 
 def confusion_matrix(preds, labels, valid, num_classes: int):
@@ -19,40 +28,26 @@ def confusion_matrix(preds, labels, valid, num_classes: int):
   return counts.reshape(num_classes, num_classes)
 
 
-def summarize(confusion: np.ndarray, class_names=None) -> dict:
+_confusion = jax.jit(lambda logits, labels, valid, num_classes: confusion_matrix(
+    jnp.argmax(logits, -1), labels, valid, num_classes), static_argnums=3)
+
+
+def summarize(confusion: np.ndarray) -> dict:
+  """Accuracy, mean class accuracy (classes without images left out), per-class accuracy (NaN
+  for a class without images), the confusion matrix and the image count."""
   confusion = np.asarray(confusion, np.int64)
   total = confusion.sum()
   per_class_n = confusion.sum(axis=1)
   per_class = np.divide(np.diag(confusion), per_class_n, out=np.full(len(confusion), np.nan),
                         where=per_class_n > 0)
-  out = {
+  return {
       "accuracy": float(np.trace(confusion) / max(total, 1)),
-      "mean_class_accuracy": float(np.nanmean(per_class)) if np.any(per_class_n > 0) else float("nan"),
+      "mean_class_accuracy": (float(np.nanmean(per_class)) if np.any(per_class_n > 0)
+                              else float("nan")),
       "per_class_accuracy": per_class,
       "confusion": confusion,
       "count": int(total),
   }
-  return out
-
-
-def evaluate(predict: Callable, batches: Iterable[dict], num_classes: int, put: Callable) -> dict:
-  """Runs `predict(images) -> logits` over `batches` (dicts with image/label/valid) and sums the
-  confusion matrix on device; `put` moves a host batch onto the mesh."""
-  total = None
-  for batch in batches:
-    b = put({"image": batch["image"], "label": batch["label"], "valid": batch["valid"]})
-    cm = _batch_confusion(predict(b["image"]), b["label"], b["valid"], num_classes)
-    total = cm if total is None else total + cm
-  if total is None:
-    raise ValueError("evaluation got no batches")
-  return summarize(np.asarray(jax.device_get(total)))
-
-
-def _batch_confusion(logits, labels, valid, num_classes):
-  return _confusion_jit(jnp.argmax(logits, -1), labels, valid, num_classes)
-
-
-_confusion_jit = jax.jit(confusion_matrix, static_argnums=3)
 
 
 def format_metrics(name: str, summary: dict, class_names) -> str:
@@ -61,35 +56,92 @@ def format_metrics(name: str, summary: dict, class_names) -> str:
           f"{summary['mean_class_accuracy'] * 100:.2f} (n={summary['count']}) [{per}]")
 
 
-def make_predict(model, data_config) -> Callable:
-  """jitted (variables, uint8 images) -> eval-mode logits."""
-  # pylint: disable=import-outside-toplevel
-  from eercl_jax.data import pipelines
-
-  @jax.jit
-  def predict(variables, images):
-    _, logits = model.apply(variables, pipelines.normalize(images, data_config), train=False)
-    return logits
-  return predict
+def gather_rows(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array as a whole numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def evaluate_lists(predict, variables, evals: dict, config, mesh) -> dict[str, dict]:
-  """Every list of `evals` ({name: FerList}) with the test view, each image exactly once."""
-  # pylint: disable=import-outside-toplevel
-  from eercl_jax import logs, parallel
-  from eercl_jax.data import pipelines
-  out = {}
-  put = lambda b: parallel.shard_batch(b, mesh)
-  for name, fl in evals.items():
-    batches = pipelines.eval_batches(
-        fl, view="test", view_cfg=pipelines.view_config(config.data),
-        batch_size=config.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch)
-    batches = logs.tty_progress(batches, -(-len(fl) // config.eval_batch_size), f"eval {name}")
-    out[name] = evaluate(lambda x: predict(variables, x), batches, config.model.num_classes, put)
-    logging.info("%s", format_metrics(name, out[name], config.data.class_names))
-  return out
+class Evaluator:
+  """A model's eval-mode forward (BN running statistics, no dropout) on uint8 images.
+
+  model:       the Flax model (`models.eercl.EERCLModel`).
+  norm:        the run's normalisation (applied on the device).
+  mesh:        batches are sharded over its data axis.
+  loader:      how the lists are read (test view sizes, workers, this process's rows).
+  batch_size:  the global evaluation batch.
+  class_names: the classes the logits index.
+  """
+
+  def __init__(self, model, norm: pipelines.Normalization, mesh, loader: pipelines.Loader,
+               batch_size: int, class_names):
+    self.model, self.norm, self.mesh, self.loader = model, norm, mesh, loader
+    self.batch_size, self.class_names = int(batch_size), tuple(class_names)
+
+    def forward(variables, images):
+      feat, logits = model.apply(variables, norm(images), train=False)
+      return losses.l2_normalize(feat), logits
+    self._forward = jax.jit(forward)
+
+  @classmethod
+  def from_config(cls, config, model, mesh, batch_size: int | None = None) -> "Evaluator":
+    return cls(model, pipelines.Normalization.from_config(config.data), mesh,
+               pipelines.Loader.from_config(config.data),
+               config.eval_batch_size if batch_size is None else batch_size,
+               config.data.class_names)
+
+  # ------------------------------------------------------------------------------ one batch
+
+  def logits(self, variables: dict, images) -> jax.Array:
+    return self._forward(variables, images)[1]
+
+  def embed(self, variables: dict, images) -> tuple[jax.Array, jax.Array]:
+    """(L2-normalised features f, class probabilities): what the adaptation's banks store."""
+    feat, logits = self._forward(variables, images)
+    return feat, jax.nn.softmax(logits, -1)
+
+  # ----------------------------------------------------------------------------- whole lists
+
+  def _batches(self, fer_list: lists.FerList, desc: str) -> Iterable[dict]:
+    batches = self.loader.eval(fer_list, "test", self.batch_size)
+    return logs.tty_progress(batches, -(-len(fer_list) // self.batch_size), desc)
+
+  def evaluate(self, variables: dict, evals: dict[str, lists.FerList]) -> dict[str, dict]:
+    """`summarize` of every list of `evals` ({name: list}) with the test view, each image once;
+    the confusion matrix is summed on the devices."""
+    out = {}
+    for name, fl in evals.items():
+      total = None
+      for host in self._batches(fl, f"eval {name}"):
+        b = parallel.shard_batch({k: host[k] for k in ("image", "label", "valid")}, self.mesh)
+        cm = _confusion(self.logits(variables, b["image"]), b["label"], b["valid"],
+                        len(self.class_names))
+        total = cm if total is None else total + cm
+      if total is None:
+        raise ValueError(f"{fl.list_path}: evaluation got no batches")
+      out[name] = summarize(np.asarray(jax.device_get(total)))
+      logging.info("%s", format_metrics(name, out[name], self.class_names))
+    return out
+
+  def outputs(self, variables: dict, fer_list: lists.FerList,
+              desc: str = "predict") -> dict[str, np.ndarray]:
+    """{'features' (N, D) L2-normalised, 'probabilities' (N, C)} of every image of the list
+    (test view), in list order, on every process."""
+    n = len(fer_list)
+    feats = probs = None
+    for host in self._batches(fer_list, desc):
+      b = parallel.shard_batch(host, self.mesh)
+      f, logits = self._forward(variables, b["image"])
+      f, logits = gather_rows(f).astype(np.float32), gather_rows(logits).astype(np.float32)
+      index, valid = gather_rows(b["index"]), gather_rows(b["valid"])
+      if feats is None:
+        feats = np.zeros((n, f.shape[-1]), np.float32)
+        probs = np.zeros((n, logits.shape[-1]), np.float32)
+      feats[index[valid]] = f[valid]
+      probs[index[valid]] = np.asarray(jax.nn.softmax(logits, -1))[valid]
+    return {"features": feats, "probabilities": probs}
 
 
 def scalars(results: dict[str, dict]) -> dict[str, float]:

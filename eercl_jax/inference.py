@@ -22,18 +22,19 @@ Accuracies are fractions in 0..1; a class without images has a null per-class ac
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-from typing import Any
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from eercl_jax import checkpoints, evaluation, parallel
-from eercl_jax.data import lists, pipelines
+from eercl_jax import checkpoints, config_defaults, evaluation, parallel
+from eercl_jax.data import images, lists, pipelines, run_lists
+from eercl_jax.errors import CheckpointError, ConfigError, DataError
+from eercl_jax.models import eercl
 
 CONFUSION_CONVENTION = "rows = true class, columns = predicted class"
 # The fields of config.data that must match the weights (taken from the checkpoint).
@@ -52,102 +53,46 @@ def resolve_checkpoint(path: str, which: str = "best", what: str = "checkpoint")
   return directory, step
 
 
-def _read_meta_at(directory: str, step: int) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  manager = checkpoints._manager(directory, 1)  # pylint: disable=protected-access
-  try:
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r} (steps there: "
-                              f"{sorted(manager.all_steps())})")
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  finally:
-    manager.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Normalization:
-  """The hashable part of `config.data` that `pipelines.normalize` reads."""
-  mean: tuple
-  std: tuple
-
-  @classmethod
-  def of(cls, data_config):
-    return cls(tuple(data_config.mean), tuple(data_config.std))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _logits(model, norm: _Normalization, out_sharding, variables, images):
-  """Eval-mode logits, replicated on every device (a jit cache entry per model, so predicting
-  again with the same architecture does not trace again)."""
-  _, logits = model.apply(variables, pipelines.normalize(images, norm), train=False)
-  return jax.lax.with_sharding_constraint(logits, out_sharding)
-
-
-@dataclasses.dataclass
 class Loaded:
-  """A checkpoint's model and variables, ready to predict."""
-  directory: str
-  step: int
-  meta: dict
-  config: ml_collections.ConfigDict    # the config stored in the checkpoint
-  model: Any
-  variables: dict
-  mesh: Any
-  predict: Any                         # jitted (variables, uint8 images) -> logits, replicated
+  """A checkpoint's model and variables, ready to predict: `evaluator` is the model's eval
+  forward with the checkpoint's own test view and normalisation."""
+
+  def __init__(self, directory: str, step: int, meta: dict, config, model, variables: dict,
+               evaluator: evaluation.Evaluator):
+    self.directory, self.step, self.meta = directory, step, meta
+    self.config: ml_collections.ConfigDict = config    # the config stored in the checkpoint
+    self.model, self.variables, self.evaluator = model, variables, evaluator
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.config.data.class_names)
 
 
-def load(path: str, which: str = "best", what: str = "checkpoint", mesh=None) -> Loaded:
+def load(path: str, which: str = "best", what: str = "checkpoint", mesh=None,
+         batch_size: int | None = None, num_workers: int | None = 0) -> Loaded:
   """The model of a checkpoint (see `resolve_checkpoint`), restored replicated on `mesh`
-  (default: every device)."""
-  # pylint: disable=import-outside-toplevel
-  from eercl_jax.models import eercl
+  (default: every device), with an evaluator of `batch_size` images per batch (default: the
+  run's own evaluation batch), rounded up to fill every device, decoding on `num_workers`
+  grain workers (None: follow the host's cores)."""
   directory, step = resolve_checkpoint(path, which, what)
-  meta = _read_meta_at(directory, step)
+  meta = checkpoints.read_meta_at(directory, step)
   if "config" not in meta:
-    raise ValueError(f"{directory} step {step}: the checkpoint's metadata holds no config")
+    raise CheckpointError(f"{directory} step {step}: the checkpoint's metadata holds no config")
   config = ml_collections.ConfigDict(meta["config"])
   config.data.class_names = tuple(config.data.class_names)
   mesh = parallel.create_mesh() if mesh is None else mesh
   model = eercl.create_model(config.model)
   variables, _ = checkpoints.restore_variables(directory, model, config.data.crop,
                                                parallel.replicated(mesh), step=step)
-  predict = functools.partial(_logits, model, _Normalization.of(config.data),
-                              parallel.replicated(mesh))
+  batch_size = int(config.eval_batch_size if batch_size is None else batch_size)
+  devices = mesh.devices.size
+  loader = dataclasses.replace(pipelines.Loader.from_config(config.data),
+                               num_workers=num_workers)
+  evaluator = evaluation.Evaluator(model, pipelines.Normalization.from_config(config.data), mesh,
+                                   loader, -(-batch_size // devices) * devices,
+                                   config.data.class_names)
   logging.info("loaded %s step %d (%s stage)", directory, step, meta.get("stage"))
-  return Loaded(directory, step, meta, config, model, variables, mesh, predict)
-
-
-def probabilities(loaded: Loaded, fer_list: lists.FerList, batch_size: int,
-                  num_workers: int = 0) -> np.ndarray:
-  """(N, C) softmax probabilities of every image of `fer_list` (test view), in list order;
-  batches are sharded over the mesh as in evaluation and every process gets all rows."""
-  if batch_size % loaded.mesh.devices.size:
-    raise ValueError(f"batch size {batch_size} is not divisible by the "
-                     f"{loaded.mesh.devices.size} devices")
-  batches = pipelines.eval_batches(
-      fer_list, view="test", view_cfg=pipelines.view_config(loaded.config.data),
-      batch_size=batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=num_workers)
-  out = np.zeros((len(fer_list), len(loaded.class_names)), np.float32)
-  for host in batches:
-    b = parallel.shard_batch(host, loaded.mesh)
-    logits = loaded.predict(loaded.variables, b["image"])
-    index, valid = (parallel_gather(b["index"]), parallel_gather(b["valid"]))
-    probs = jax.nn.softmax(np.asarray(jax.device_get(logits), np.float32), -1)
-    out[index[valid]] = np.asarray(probs)[valid]
-  return out
-
-
-def parallel_gather(x: jax.Array) -> np.ndarray:
-  """A batch-sharded array as a whole numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return Loaded(directory, step, meta, config, model, variables, evaluator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,12 +109,13 @@ def parse_lists(spec: str) -> dict[str, str]:
     if not sep:
       name, path = os.path.splitext(os.path.basename(item))[0], item
     if not name or not path:
-      raise ValueError(f"config.eval.lists: {item!r} is not '[name=]path/to/list.txt'")
+      raise ConfigError(f"config.eval.lists: {item!r} is not '[name=]path/to/list.txt'")
     if name in out:
-      raise ValueError(f"config.eval.lists: the name {name!r} is given twice (write name=path)")
+      raise ConfigError(f"config.eval.lists: the name {name!r} is given twice (write "
+                        "name=path)")
     out[name] = path
   if not out:
-    raise ValueError(f"config.eval.lists: {spec!r} names no list")
+    raise ConfigError(f"config.eval.lists: {spec!r} names no list")
   return out
 
 
@@ -223,8 +169,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--config.mode=eval`: scores the checkpoint `config.eval.checkpoint` ('best' / 'latest' of
   `workdir`, or a folder) on `config.eval.lists` (default `config.data.eval_lists`); prints the
   metrics and confusion matrices and writes them as JSON. Returns the JSON document."""
-  # pylint: disable=import-outside-toplevel
-  from eercl_jax import config_defaults
   mesh = parallel.create_mesh()
   config_defaults.validate(config, mesh.devices.size, jax.process_count())
   spec = config.eval.checkpoint
@@ -237,13 +181,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     list_paths = parse_lists(config.eval.lists)
   else:   # the run's own evaluation lists, the target first
     list_paths = dict(sorted(c.data.eval_lists.items(), key=lambda kv: kv[0] != "target"))
-  evals = {name: lists.read_list(path, c.data.image_root, c.data.class_names,
-                                 check_images=c.data.check_images,
-                                 skip_bad_images=c.data.skip_bad_images,
-                                 allow_outside_root=c.data.get("allow_outside_root", False))
-           for name, path in list_paths.items()}
-  predict = evaluation.make_predict(loaded.model, c.data)
-  results = evaluation.evaluate_lists(predict, loaded.variables, evals, c, mesh)
+  c.data.format = "folder"   # eval mode reads the lists' image files
+  evals = {name: run_lists.read_list(path, c.data) for name, path in list_paths.items()}
+  evaluator = evaluation.Evaluator.from_config(c, loaded.model, mesh)
+  results = evaluator.evaluate(loaded.variables, evals)
   document = evaluation_document(loaded, results, list_paths)
   output = config.eval.output or os.path.join(
       workdir, "eval", f"{os.path.basename(os.path.normpath(loaded.directory))}_step"
@@ -259,3 +200,35 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     lines.append(f"written to {output}")
     print("\n".join(lines), flush=True)
   return document
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction of image files (python -m eercl_jax.predict)
+
+def predict_images(checkpoint: str, inputs: Sequence[str], which: str = "best",
+                   batch_size: int | None = None, num_workers: int = 0) -> dict:
+  """Class and probabilities of the image files of `inputs` (files and folders, see
+  `images.find_images`) through the checkpoint's own test view; every image is decoded before
+  the model runs, so an unreadable one is an error naming it. Returns {"checkpoint", "step",
+  "class_names", "predictions": [{"path", "class", "index", "probabilities": {class: p}}]}."""
+  paths = images.find_images(inputs)
+  problems = images.check_images([os.path.abspath(p) for p in paths], "decode")
+  bad = [f"{p}: {why}" for p, why in zip(paths, problems) if why is not None]
+  if bad:
+    raise DataError(f"{len(bad)} unreadable image(s):\n  " + "\n  ".join(bad[:20]))
+  loaded = load(checkpoint, which, what="--checkpoint", batch_size=batch_size,
+                num_workers=num_workers)
+  fer_list = lists.FerList(
+      list_path="<predict inputs>", image_root=os.path.abspath(os.sep),
+      paths=tuple(os.path.abspath(p) for p in paths), labels=np.zeros(len(paths), np.int32),
+      class_names=loaded.class_names, lines=np.arange(1, len(paths) + 1, dtype=np.int32),
+      num_skipped=0)
+  probs = loaded.evaluator.outputs(loaded.variables, fer_list)["probabilities"]
+  names = list(loaded.class_names)
+  predictions = []
+  for path, p in zip(paths, probs):
+    k = int(np.argmax(p))
+    predictions.append({"path": path, "class": names[k], "index": k,
+                        "probabilities": {c: float(v) for c, v in zip(names, p)}})
+  return {"checkpoint": os.path.abspath(loaded.directory), "step": loaded.step,
+          "class_names": names, "predictions": predictions}

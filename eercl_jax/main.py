@@ -4,6 +4,10 @@
 adaptation). Rerunning the same command resumes from the latest checkpoint in the workdir.
 `--config.mode=eval` instead scores the workdir's best (or `--config.eval.checkpoint=latest`, or
 a given) checkpoint on the run's evaluation lists or `--config.eval.lists` (eercl_jax/inference.py).
+
+Exit codes (eercl_jax/constants.py): 0 done; 2 a mistake in the config, the command line or a
+file (one line on stderr names it); 75 stopped by SIGTERM/SIGINT after a checkpoint (rerun to
+resume); 1 any other failure (its traceback in the run's log, one FATAL line last on stderr).
 """
 from __future__ import annotations
 
@@ -13,6 +17,10 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from eercl_jax import constants
+from eercl_jax.errors import UserError
+from eercl_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -37,7 +45,7 @@ def main(argv):
   from eercl_jax import records  # pylint: disable=import-outside-toplevel
   records.set_config_file(config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
-    if config.get("mode", "train") == "eval":
+    if config.mode == "eval":
       from eercl_jax import inference  # pylint: disable=import-outside-toplevel
       inference.evaluate_checkpoint(config, _WORKDIR.value)
       return
@@ -51,18 +59,21 @@ def main(argv):
       from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
       train_adapt.train_and_evaluate(config, _WORKDIR.value)
     else:
-      raise ValueError(f"config.stage must be 'source' or 'adapt', got {config.stage!r}")
+      raise UserError(f"config.stage: {config.stage!r}: expected 'source' or 'adapt'")
+  except cli.USER_ERRORS as e:
+    # A mistake in what the user gave: one line, no traceback, exit code 2.
+    _last_line(f"error: {cli.one_line(str(e))}")
+    sys.exit(constants.EXIT_USAGE)
   except Exception as e:  # pylint: disable=broad-except
-    _report_fatal(e)
+    logging.exception("the run stopped with an error")
+    _last_line(f"FATAL {type(e).__name__}: {cli.one_line(str(e))}")
     raise
 
 
-def _report_fatal(error: Exception) -> None:
-  """One line naming the fatal error, last in the log and last on stderr: background threads
-  (checkpoint writers, data workers) may print pages of secondary errors while the process
-  shuts down, which would otherwise bury the cause."""
-  line = f"FATAL {type(error).__name__}: {error}".replace("\n", " | ")
-  logging.exception("the run stopped with an error")
+def _last_line(line: str) -> None:
+  """`line` last in the log and last on stderr: background threads (checkpoint writers, data
+  workers) may print pages of secondary errors while the process shuts down, which would
+  otherwise bury the cause."""
   logging.error("%s", line)
   atexit.register(lambda: print(line, file=sys.stderr, flush=True))
 
@@ -75,7 +86,10 @@ def _hide_accelerators_from_tensorflow():
     pass
 
 
-if __name__ == "__main__":
+def run() -> None:
   # A misspelt --config.x.y or a missing config file: one line with a suggestion, exit code 2.
-  from eercl_jax import cli_errors  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=lambda argv: cli_errors.parse_flags(argv, _CONFIG))
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))
+
+
+if __name__ == "__main__":
+  run()

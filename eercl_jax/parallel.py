@@ -78,5 +78,5 @@ def resolve_batch_sizes(config) -> None:
   """`config.per_device_batch_size > 0` makes the global batch per-device batch x devices;
   otherwise `config.batch_size` is the global batch whatever the device count (the default:
   the method's numbers are per global batch)."""
-  if config.get("per_device_batch_size", 0) > 0:
+  if config.per_device_batch_size > 0:
     config.batch_size = config.per_device_batch_size * jax.device_count()

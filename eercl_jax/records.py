@@ -14,9 +14,9 @@ results.json (accuracies are fractions in 0..1):
   {"stage": "source" | "adapt", "seed": int, "config_file": str | null, "workdir": str,
    "selection": str, "best_step": int, "last_step": int,
    "lists": {<eval list name>: {"role": "target" | "source_test" | "source_train" | <name>,
-                                "source_only": {"acc", "mean_class_acc"} | null,
-                                "best": {"acc", "mean_class_acc"},
-                                "last": {"acc", "mean_class_acc"}}},
+                                "source_only": {"accuracy", "mean_class_accuracy"} | null,
+                                "best": {"accuracy", "mean_class_accuracy"},
+                                "last": {"accuracy", "mean_class_accuracy"}}},
    "wall_time_s": float, "devices": {"count": int, "kind": str},
    "versions": {"jax": str, "flax": str, "eercl_jax": str | null}}
 
@@ -32,8 +32,7 @@ from typing import Any, Mapping
 
 import jax
 
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
+from eercl_jax import constants
 
 # The --config file of the current process (set by eercl_jax.main; None for runs started from
 # Python), recorded in results.json.
@@ -65,7 +64,7 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def write_config(workdir: str, config) -> str:
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(workdir, constants.CONFIG_FILE)
   if jax.process_index() == 0:
     _write_json(path, config_dict(config))
   return path
@@ -104,15 +103,13 @@ def role_of(name: str, list_path: str, config) -> str:
   return name
 
 
-def acc_pair(summary: Mapping | None) -> dict | None:
-  """{'acc', 'mean_class_acc'} of an evaluation summary (`evaluation.summarize`) or of such a
-  pair; None stays None."""
+def scores(summary: Mapping | None) -> dict | None:
+  """{'accuracy', 'mean_class_accuracy'} of an evaluation summary (`evaluation.summarize`):
+  what a run keeps of each evaluation; None stays None."""
   if summary is None:
     return None
-  if "acc" in summary:
-    return {"acc": float(summary["acc"]), "mean_class_acc": float(summary["mean_class_acc"])}
-  return {"acc": float(summary["accuracy"]),
-          "mean_class_acc": float(summary["mean_class_accuracy"])}
+  return {"accuracy": float(summary["accuracy"]),
+          "mean_class_accuracy": float(summary["mean_class_accuracy"])}
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,14 +134,14 @@ def results(config, workdir: str, *, selection: str, best_step: int, last_step: 
             best: Mapping[str, Mapping] | None, last: Mapping[str, Mapping],
             source_only: Mapping[str, Mapping] | None, wall_time_s: float, mesh) -> dict:
   """The results.json document (schema in the module docstring). `best`, `last`, `source_only`
-  map list names to evaluation summaries or {'acc', 'mean_class_acc'} pairs."""
+  map list names to evaluation summaries or their `scores`."""
   lists = {}
   for name, path in config.data.eval_lists.items():
     lists[name] = {
         "role": role_of(name, path, config),
-        "source_only": acc_pair((source_only or {}).get(name)),
-        "best": acc_pair((best or {}).get(name)),
-        "last": acc_pair(last.get(name)),
+        "source_only": scores((source_only or {}).get(name)),
+        "best": scores((best or {}).get(name)),
+        "last": scores(last.get(name)),
     }
   # The target first: it is what a table of a domain-adaptation run is about.
   lists = dict(sorted(lists.items(), key=lambda kv: kv[1]["role"] != "target"))
@@ -157,7 +154,7 @@ def results(config, workdir: str, *, selection: str, best_step: int, last_step: 
 
 
 def write_results(workdir: str, document: dict) -> str:
-  path = os.path.join(workdir, RESULTS_FILE)
+  path = os.path.join(workdir, constants.RESULTS_FILE)
   if jax.process_index() == 0:
     _write_json(path, document)
   return path
@@ -165,6 +162,6 @@ def write_results(workdir: str, document: dict) -> str:
 
 def read_results(run_dir: str) -> dict:
   """results.json of a run folder; FileNotFoundError when the run has not finished."""
-  path = os.path.join(run_dir, RESULTS_FILE)
+  path = os.path.join(run_dir, constants.RESULTS_FILE)
   with open(path, encoding="utf-8") as f:
     return json.load(f)

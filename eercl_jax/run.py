@@ -3,9 +3,9 @@
 A stage's loop reads
 
     run = Run(config, workdir, "source")            # log file, writer, mesh, config check
-    train_list, evals = lists.read_run_lists(config.data)
-    ...build model, optimiser, initial state...
-    run.set_evaluation(model, evals)
+    train_list, evals = run.read_lists()
+    stage = build(config, run.mesh)                 # model, optimiser, initial state, step
+    run.set_evaluation(stage.model, evals)
     state, record, iterator_state = run.resume(state, record)
     for step in run.steps():
       ...the stage's own logic and its jitted step...
@@ -27,8 +27,8 @@ fields are saved in each checkpoint's metadata and restored with it.
 Cluster safety, also here: process 0 holds an exclusive lock on the workdir for the run's
 lifetime; no state with a non-finite value is ever saved (the run stops with an error naming
 the step and the non-finite terms, and the last good checkpoint stays); SIGTERM / SIGINT finish
-the current step, write a checkpoint and exit with `PREEMPTED_EXIT_CODE`, so a scheduler can
-requeue the same command, which resumes.
+the current step, write a checkpoint and exit with `constants.EXIT_PREEMPTED` (75), so a
+scheduler can requeue the same command, which resumes.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eercl_jax import (checkpoints, config_defaults, evaluation, logs, optim, parallel, pictures,
-                       records)
-from eercl_jax.data import host
+from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
+                       pictures, records)
+from eercl_jax.data import host, pipelines, run_lists
 from eercl_jax.models import registry
 
 
@@ -60,16 +60,12 @@ def itstime(step: int, every: int, total: int | None = None) -> bool:
   return (every > 0 and step % every == 0) or (total is not None and step == total)
 
 
-# EX_TEMPFAIL: "try again later". A preempted run exits with it after its checkpoint is written;
-# rerunning the same command resumes (launch/slurm.sbatch requeues on it).
-PREEMPTED_EXIT_CODE = 75
-
-
 class Preempted(SystemExit):
-  """Raised after the checkpoint of a SIGTERM / SIGINT is written."""
+  """Raised after the checkpoint of a SIGTERM / SIGINT is written: exits with
+  `constants.EXIT_PREEMPTED` (launch/slurm.sbatch requeues on it)."""
 
   def __init__(self, signum: int, step: int):
-    super().__init__(PREEMPTED_EXIT_CODE)
+    super().__init__(constants.EXIT_PREEMPTED)
     self.signum, self.step = signum, step
 
 
@@ -82,7 +78,7 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "run.lock")
+    self.path = os.path.join(workdir, constants.LOCK_FILE)
     self.held = False
 
   def acquire(self) -> None:
@@ -161,7 +157,7 @@ def non_finite_paths(tree) -> list[str]:
 @dataclasses.dataclass
 class Best:
   """The best evaluation so far by `config.data.select_by` (value -1: none yet), with the
-  accuracies of every list at that step ({name: {'acc', 'mean_class_acc'}})."""
+  scores of every list at that step ({name: {'accuracy', 'mean_class_accuracy'}})."""
   value: float = -1.0
   step: int = -1
   lists: dict = dataclasses.field(default_factory=dict)
@@ -202,7 +198,9 @@ class Run:
     self._progress = logs.Progress(0, config.num_steps)
     self._schedule = optim.make_schedule(config.optim)
     self._backbone_mult = registry.lr_mult(config.model, config.optim)["backbone"]
-    self._predict = self._evals = None
+    self.loader = pipelines.Loader.from_config(config.data)
+    self.evaluator: evaluation.Evaluator | None = None
+    self._evals = None
     self._last_scalars: dict[str, float] = {}
     self._stop_signal = 0
     self._finite_step = -1   # the last step whose state was found finite
@@ -222,14 +220,23 @@ class Run:
     """config.json, the config in the log and in TensorBoard's hparams; a results.json of an
     earlier finish is removed (the run is not finished while it continues)."""
     records.write_config(workdir, config)
-    logging.info("config (also in %s):\n%s", os.path.join(workdir, records.CONFIG_FILE), config)
+    logging.info("config (also in %s):\n%s", os.path.join(workdir, constants.CONFIG_FILE),
+                 config)
     self.writer.write_hparams(records.hparams(config))
     if jax.process_index() == 0:
-      _remove(os.path.join(workdir, records.RESULTS_FILE))
+      _remove(os.path.join(workdir, constants.RESULTS_FILE))
 
-  def set_evaluation(self, model, evals: dict) -> None:
-    """The model whose eval-mode predictions are scored on `evals` ({name: FerList})."""
-    self._predict = evaluation.make_predict(model, self.config.data)
+  def read_lists(self):
+    """(training list, {name: evaluation list}) of the run, read and checked before any
+    training; the built-in synthetic set is generated first when the config asks for it."""
+    run_lists.prepare(self.config.data)
+    return run_lists.read_run_lists(self.config.data)
+
+  def set_evaluation(self, model, evals: dict,
+                     evaluator: evaluation.Evaluator | None = None) -> None:
+    """The model whose eval-mode predictions are scored on `evals` ({name: FerList}), through
+    `evaluator` (default: built from the config)."""
+    self.evaluator = evaluator or evaluation.Evaluator.from_config(self.config, model, self.mesh)
     self._evals = evals
 
   def resume(self, state: Any, record: Any = None) -> tuple[Any, Any, Any]:
@@ -325,8 +332,7 @@ class Run:
 
   def evaluate(self, step: int, variables: dict, save_confusions: bool = True) -> dict:
     """Scores `variables` on every evaluation list; writes the scalars (and confusions)."""
-    results = evaluation.evaluate_lists(self._predict, variables, self._evals, self.config,
-                                        self.mesh)
+    results = self.evaluator.evaluate(variables, self._evals)
     self.writer.write_scalars(step, evaluation.scalars(results))
     if jax.process_index() == 0:   # the confusion images and per-class scalars
       pictures.write_evaluation(self.writer, step, results, self.config.data.class_names)
@@ -366,7 +372,7 @@ class Run:
     self.results = self.evaluate(step, _variables(state))
     value = self.results[select_by]["accuracy"]
     if value >= self.best.value:   # ties -> the later checkpoint, as the original
-      self.best = Best(value, step, {k: records.acc_pair(r) for k, r in self.results.items()})
+      self.best = Best(value, step, {k: records.scores(r) for k, r in self.results.items()})
       self.ckpt.save(step, state, {"iterator": None},
                      self._meta(step, record, selected_by=select_by,
                                 selection=self.selection_note or select_by), best=True)
@@ -392,21 +398,18 @@ class Run:
   def finish(self, state: Any, source_only: dict | None = None) -> dict:
     """Closes the writers and checkpoints; writes results.json; logs and prints the final
     accuracy and mean class accuracy of each list, the target first and the source test set as
-    forgetting (after adaptation), beside the source-only ones when given ({name: accuracy or
-    {'acc', 'mean_class_acc'}}). Returns {'final', 'best', 'results'}."""
+    forgetting (after adaptation), beside the source-only ones when given ({name:
+    {'accuracy', 'mean_class_accuracy'}}). Returns {'final', 'best', 'results'}."""
     self.writer.flush()
     self.ckpt.close()
     self.lock.release()
     if not self.results:   # resumed after the last step: evaluate once for the summary
-      self.results = evaluation.evaluate_lists(self._predict, _variables(state), self._evals,
-                                               self.config, self.mesh)
+      self.results = self.evaluator.evaluate(_variables(state), self._evals)
     final = {name: r["accuracy"] for name, r in self.results.items()}
     select_by, note = self.config.data.select_by, self.selection_note
     best = (f"best {select_by} {self.best.value * 100:.2f}% at step {self.best.step}"
             + (f" ({note})" if note else ""))
-    pairs = None if source_only is None else {
-        k: v if isinstance(v, dict) else {"acc": v, "mean_class_acc": float("nan")}
-        for k, v in source_only.items()}
+    pairs = None if source_only is None else dict(source_only)
     document = records.results(
         self.config, self.workdir, selection=f"best {select_by} accuracy"
         + (f" ({note})" if note else ""), best_step=self.best.step,
@@ -426,11 +429,12 @@ class Run:
       label = "forgetting (source test)" if self.stage == "adapt" else "source test"
     else:
       label = name
-    pct = lambda pair: (f"{pair['acc'] * 100:.2f}% (mean class "
-                        f"{pair['mean_class_acc'] * 100:.2f}%)")
+    pct = lambda pair: (f"{pair['accuracy'] * 100:.2f}% (mean class "
+                        f"{pair['mean_class_accuracy'] * 100:.2f}%)")
     if not side_by_side:
       return f"{label} accuracy {pct(entry['last'])}"
-    before = entry["source_only"] or {"acc": float("nan"), "mean_class_acc": float("nan")}
+    before = entry["source_only"] or {"accuracy": float("nan"),
+                                      "mean_class_accuracy": float("nan")}
     return f"{label}: source-only {pct(before)} -> adapted {pct(entry['last'])}"
 
   def _elapsed(self) -> float:
@@ -451,7 +455,7 @@ class Run:
         raise KeyboardInterrupt
       self._stop_signal = signum
       logging.warning("received %s: finishing the step, then a checkpoint and exit %d",
-                      signal.Signals(signum).name, PREEMPTED_EXIT_CODE)
+                      signal.Signals(signum).name, constants.EXIT_PREEMPTED)
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, request_stop)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -23,9 +23,10 @@ import optax
 from absl import logging
 
 from eercl_jax import banks as bank_lib
-from eercl_jax import checkpoints, logs, losses, optim, parallel, records
+from eercl_jax import checkpoints, evaluation, logs, losses, optim, parallel, records
 from eercl_jax.data import lists, pipelines
 from eercl_jax.data import resident as resident_lib
+from eercl_jax.errors import CheckpointError
 from eercl_jax.models import eercl, layers
 from eercl_jax import run as run_lib
 from eercl_jax.run import Run
@@ -78,13 +79,42 @@ def _teacher_forward(model, params, batch_stats, x, groups, perm_rng, dropout_rn
 # ----------------------------------------------------------------------------------------------
 # The adaptation step
 
-def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the adaptation step reads besides the state and the batch (from the config, once)."""
+  norm: pipelines.Normalization
+  bn_group_size: int
+  virtual_devices: int          # W of the original: the AaD term is scaled by 1/W
+  num_steps: int                # the AaD dispersion decay's horizon
+  ema_decay: float
+  aad_weight: float
+  aad_neighbours: int
+  aad_decay_power: float
+  mask_threshold: float
+  class_contrast_weight: float
+  class_contrast_temp: float
+  class_contrast_cluster_labels: bool
+  instance_nce_weight: float
+  instance_nce_temp: float
+  shard_banks: bool
+
+  @classmethod
+  def from_config(cls, config) -> "StepSettings":
+    a = config.adapt
+    return cls(pipelines.Normalization.from_config(config.data), config.bn_group_size,
+               config.virtual_devices, config.num_steps, a.ema_decay, a.aad_weight,
+               a.aad_neighbours, a.aad_decay_power, a.mask_threshold, a.class_contrast_weight,
+               a.class_contrast_temp, a.class_contrast_cluster_labels, a.instance_nce_weight,
+               a.instance_nce_temp, a.shard_banks)
+
+
+def adapt_step(state: AdaptState, batch: dict, *, model, tx, settings: StepSettings, mesh=None,
                num_images=None):
-  """One EERCL step. With `config.adapt.shard_banks` the N-row banks are sharded by rows over
+  """One EERCL step. With `settings.shard_banks` the N-row banks are sharded by rows over
   `mesh` (padded to a multiple of the device count; `num_images` rows are real)."""
-  a = config.adapt
-  groups = layers.num_groups(batch["index"].shape[0], config.bn_group_size)
-  views = [pipelines.normalize(batch[k], config.data) for k in ("strong1", "strong2", "weak")]
+  a = settings
+  groups = layers.num_groups(batch["index"].shape[0], a.bn_group_size)
+  views = [a.norm(batch[k]) for k in ("strong1", "strong2", "weak")]
   x = _group_views(views, groups)
   rng = jax.random.fold_in(state.rng, state.step)
   perm_rng, teacher_drop, online_drop = jax.random.split(rng, 3)
@@ -117,11 +147,11 @@ def adapt_step(state: AdaptState, batch: dict, *, model, tx, config, mesh=None,
     p_s1, p_s2, p_w = jax.nn.softmax(_ungroup_views(logits, groups), axis=-1)
     f_w = jax.lax.stop_gradient(_ungroup_views(feat, groups)[2])
     attract, disperse = losses.aad_loss(p_w, neighbours)
-    decay = (1.0 + 10.0 * state.step / config.num_steps) ** (-a.aad_decay_power)
+    decay = (1.0 + 10.0 * state.step / a.num_steps) ** (-a.aad_decay_power)
     # The original computes AaD on the gathered batch but DDP averages the gradient over its W
     # GPUs: the effective loss is 1/W of the global one
     # (docs/deviations.md#aad-scaling-by-the-virtual-device-count).
-    aad = a.aad_weight * (attract + decay * disperse) / config.virtual_devices
+    aad = a.aad_weight * (attract + decay * disperse) / a.virtual_devices
     if a.class_contrast_cluster_labels:
       labels = losses.batch_cluster_labels(f_w, banks.prototypes)
     else:
@@ -171,25 +201,8 @@ def state_shardings(state: AdaptState, mesh, shard_banks: bool):
       **{name: rows for name in bank_lib.ROW_BANKS}))
 
 
-def compile_adapt_step(config, model, tx, mesh, state, num_images: int):
-  step = functools.partial(adapt_step, model=model, tx=tx, config=config, mesh=mesh,
-                           num_images=num_images)
-  st = state_shardings(state, mesh, config.adapt.shard_banks)
-  return jax.jit(step, in_shardings=(st, parallel.batch_sharding(mesh)),
-                 out_shardings=(st, parallel.replicated(mesh)), donate_argnums=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Bank refresh and clustering (eval mode, full pass over the target list)
-
-def _make_embed(model, config):
-  @jax.jit
-  def embed(params, batch_stats, images):
-    feat, logits = model.apply({"params": params, "batch_stats": batch_stats},
-                               pipelines.normalize(images, config.data), train=False)
-    return losses.l2_normalize(feat), jax.nn.softmax(logits, -1)
-  return embed
-
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("teacher",))
 def _write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat, t_score,
@@ -217,50 +230,67 @@ def _cluster(banks: bank_lib.Banks, threshold: int, num_images: int):
   return banks.replace(prototypes=prototypes), argmax_acc, acc
 
 
-def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, embed, config, mesh,
-                  with_teacher: bool, resident=None) -> tuple[AdaptState, dict]:
+@dataclasses.dataclass(frozen=True)
+class RefreshSettings:
+  """What a bank refresh reads besides the state (from the config, once)."""
+  view: str                     # 'weak' (the original's random view) | 'test'
+  batch_size: int
+  seed: int
+  cluster_min_size: int
+  # The original's drop_last coverage (faithful_bank_init): None, or (W, per-device batch)
+  faithful_rows: Optional[tuple[int, int]] = None
+
+  @classmethod
+  def from_config(cls, config) -> "RefreshSettings":
+    a = config.adapt
+    faithful = ((config.virtual_devices, config.batch_size // config.virtual_devices)
+                if a.faithful_bank_init else None)
+    return cls(a.refresh_view, a.refresh_batch_size, config.seed, a.cluster_min_size, faithful)
+
+
+def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, evaluator, settings,
+                  shardings, with_teacher: bool, resident=None) -> tuple[AdaptState, dict]:
   """Writes the online network's normalised features and probabilities of every target image
   (and, at step 0, the teacher's into the AaD banks), then re-clusters the prototypes.
   `resident` (data/resident.py): the target list held in memory, read with no decode."""
-  a = config.adapt
+  s = settings
   keep = None
-  if a.faithful_bank_init:
-    keep = _faithful_refresh_rows(len(target_list), config, refresh_index)
+  if s.faithful_rows is not None:
+    keep = _faithful_refresh_rows(len(target_list), *s.faithful_rows, s.seed, refresh_index)
   if resident is not None:
-    batches = resident.batches(a.refresh_view, a.refresh_batch_size, config.seed, refresh_index)
+    batches = resident.batches(s.view, s.batch_size, s.seed, refresh_index)
   else:
-    batches = pipelines.eval_batches(
-        target_list, view=a.refresh_view, view_cfg=pipelines.view_config(config.data),
-        batch_size=a.refresh_batch_size, seed=config.seed, epoch=refresh_index,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+    batches = evaluator.loader.eval(target_list, s.view, s.batch_size, seed=s.seed,
+                                    epoch=refresh_index)
   banks = state.banks
-  total = -(-len(target_list) // a.refresh_batch_size)
+  total = -(-len(target_list) // s.batch_size)
+  mesh = evaluator.mesh
   for host in logs.tty_progress(batches, total, f"bank refresh {refresh_index}"):
     if keep is not None:
       host = dict(host, valid=host["valid"] & keep[host["index"]])
     b = parallel.shard_batch(host, mesh)
     images = (b["image"] if resident is None
-              else resident.images(b, a.refresh_view, config.seed, refresh_index))
-    feat, score = embed(state.params, state.batch_stats, images)
-    t_feat, t_score = (embed(state.teacher_params, state.teacher_batch_stats, images)
+              else resident.images(b, s.view, s.seed, refresh_index))
+    feat, score = evaluator.embed({"params": state.params, "batch_stats": state.batch_stats},
+                                  images)
+    t_feat, t_score = (evaluator.embed({"params": state.teacher_params,
+                                        "batch_stats": state.teacher_batch_stats}, images)
                        if with_teacher else (feat, score))
     banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
                            t_score, with_teacher)
-  banks, argmax_acc, acc = _cluster(banks, a.cluster_min_size, len(target_list))
-  banks = jax.device_put(banks, state_shardings(state, mesh, a.shard_banks).banks)
+  banks, argmax_acc, acc = _cluster(banks, s.cluster_min_size, len(target_list))
+  banks = jax.device_put(banks, shardings.banks)
   stats = {"refresh/argmax_acc": float(argmax_acc), "refresh/cluster_acc": float(acc)}
   return state.replace(banks=banks), stats
 
 
-def _faithful_refresh_rows(n: int, config, refresh_index: int) -> np.ndarray:
+def _faithful_refresh_rows(n: int, w: int, b: int, seed: int, refresh_index: int) -> np.ndarray:
   """The original's drop_last refresh coverage (docs/deviations.md#bank-refresh-coverage):
   each of W virtual devices walks its share of a shuffled list in batches of B and drops its
   final partial batch."""
-  w, b = config.virtual_devices, config.batch_size // config.virtual_devices
   per = -(-n // w)
   written = w * b * (per // b)
-  order = np.random.default_rng([config.seed, refresh_index]).permutation(n)
+  order = np.random.default_rng([seed, refresh_index]).permutation(n)
   keep = np.zeros(n, bool)
   keep[order[:written]] = True
   return keep
@@ -276,20 +306,20 @@ def load_source_variables(config, model, mesh) -> tuple[dict, int]:
                                           what="config.source_checkpoint")
   step, meta = checkpoints.read_meta(directory)
   if meta.get("stage") != "source":
-    raise ValueError(f"config.source_checkpoint: {directory} holds a checkpoint of an "
-                     f"{meta.get('stage')!r} run; name a source run's workdir")
+    raise CheckpointError(f"config.source_checkpoint: {directory} holds a checkpoint of an "
+                          f"{meta.get('stage')!r} run; name a source run's workdir")
   checkpoints.check_model_meta(meta, config, directory)
   variables, _ = checkpoints.restore_variables(directory, model, config.data.crop,
                                                parallel.replicated(mesh), step=step)
   bad = run_lib.non_finite_paths(variables)
   if bad:
-    raise ValueError(f"the source model in {directory} (step {step}) holds non-finite values "
-                     f"in {', '.join(bad[:5])}: refusing to adapt it")
+    raise CheckpointError(f"the source model in {directory} (step {step}) holds non-finite "
+                          f"values in {', '.join(bad[:5])}: refusing to adapt it")
   logging.info("loaded source model from %s (step %d)", directory, step)
   return variables, step
 
 
-def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptState:
+def create_state(config, tx, variables, num_images: int, mesh) -> AdaptState:
   a = config.adapt
   rng, bank_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   params, batch_stats = variables["params"], variables["batch_stats"]
@@ -315,18 +345,54 @@ def create_state(config, model, tx, variables, num_images: int, mesh) -> AdaptSt
 
 
 # ----------------------------------------------------------------------------------------------
+# The stage, wired once
+
+@dataclasses.dataclass(frozen=True)
+class AdaptBuild:
+  """The adaptation stage, wired once."""
+  model: eercl.EERCLModel
+  tx: optax.GradientTransformation
+  state: AdaptState                  # the initial state, placed with `shardings`
+  shardings: AdaptState              # where each part of the state lives on the mesh
+  step: Callable                     # jitted (state, sharded batch) -> (state, metrics)
+  evaluator: evaluation.Evaluator    # the eval-mode forward (refresh, evaluations)
+  # (state, target list, refresh index, *, with_teacher, resident=None) -> (state, stats)
+  refresh: Callable
+
+
+def build(config, mesh, variables: dict, num_images: int,
+          evaluator: evaluation.Evaluator | None = None) -> AdaptBuild:
+  """Model, optimiser, initial state (banks for `num_images` target images), the jitted step
+  and the bank refresh of `config`'s adaptation on `mesh`, starting from the source model's
+  `variables` ({'params', 'batch_stats'}; `load_source_variables` reads them)."""
+  model = eercl.create_model(config.model)
+  tx = optim.for_model(config, frozen=("classifier",) if config.adapt.fix_classifier else ())
+  evaluator = evaluator or evaluation.Evaluator.from_config(config, model, mesh)
+  state = create_state(config, tx, variables, num_images, mesh)
+  shardings = state_shardings(state, mesh, config.adapt.shard_banks)
+  step = jax.jit(functools.partial(adapt_step, model=model, tx=tx,
+                                   settings=StepSettings.from_config(config), mesh=mesh,
+                                   num_images=num_images),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  refresh = functools.partial(refresh_banks, evaluator=evaluator,
+                              settings=RefreshSettings.from_config(config), shardings=shardings)
+  return AdaptBuild(model, tx, state, shardings, step, evaluator, refresh)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 @dataclasses.dataclass
 class AdaptRecord:
   """What the adaptation loop remembers across a resume (saved in the checkpoint metadata)."""
-  # {list: {'acc', 'mean_class_acc'}} of the source model, before step 1 (older checkpoints
-  # hold {list: acc})
+  # {list: {'accuracy', 'mean_class_accuracy'}} of the source model, before step 1
   source_only: Optional[dict] = None
   stream: int = 0                      # index of the shuffled training stream (one per refresh)
 
 
-def _stream_seed(seed: int, stream: int) -> int:
+def stream_seed(seed: int, stream: int) -> int:
+  """The shuffling seed of the training stream number `stream` (a new one after each refresh)."""
   return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
@@ -345,55 +411,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
             ratios={"train/mask_acc": ("count/mask_correct", "count/mask"),
                     "train/cluster_mask_acc": ("count/cluster_mask_correct", "count/mask")},
             selection_note="oracle selection: uses target labels")
-  target_list, evals = lists.read_run_lists(config.data)
-  model = eercl.create_model(config.model)
-  tx = optim.for_model(config, frozen=("classifier",) if config.adapt.fix_classifier else ())
-  run.set_evaluation(model, evals)
-  embed = _make_embed(model, config)
-  variables, _ = load_source_variables(config, model, run.mesh)
-  state = create_state(config, model, tx, variables, len(target_list), run.mesh)
-  state, record, iterator_state = run.resume(state, AdaptRecord())
+  target_list, evals = run.read_lists()
+  variables, _ = load_source_variables(config, eercl.create_model(config.model), run.mesh)
+  stage = build(config, run.mesh, variables, len(target_list))
+  run.set_evaluation(stage.model, evals, stage.evaluator)
+  state, record, iterator_state = run.resume(stage.state, AdaptRecord())
 
   if record.source_only is None and config.eval_at_start:
     # The source model on the same evaluation, for the side-by-side summary (step 0).
     results = run.evaluate(0, {"params": state.params, "batch_stats": state.batch_stats},
                            save_confusions=False)
-    record.source_only = {k: records.acc_pair(r) for k, r in results.items()}
+    record.source_only = {k: records.scores(r) for k, r in results.items()}
 
   def new_iterator(stream: int, iterator_state=None):
-    it = iter(pipelines.train_dataset(
-        target_list, views=("weak", "strong", "strong"),
-        view_cfg=pipelines.view_config(config.data), global_batch=config.batch_size,
-        seed=_stream_seed(config.seed, stream), process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch))
+    it = run.loader.train(target_list, ("weak", "strong", "strong"), config.batch_size,
+                          stream_seed(config.seed, stream))
     if iterator_state is not None:
       it.set_state(iterator_state)
     return it
 
   it = new_iterator(record.stream, iterator_state)
-  resident = resident_lib.for_refresh(target_list, config, run.mesh)
-  p_step = compile_adapt_step(config, model, tx, run.mesh, state, len(target_list))
-  every = config.adapt.refresh_every
+  a = config.adapt
+  resident = resident_lib.for_refresh(target_list, run.mesh, run.loader,
+                                      data_format=config.data.format, memory=a.refresh_memory,
+                                      device_view=a.refresh_device_view)
   logging.info("adaptation: %d target images, %d steps of %d x 3 views on %d devices",
                len(target_list), config.num_steps, config.batch_size, run.mesh.devices.size)
   for step in run.steps():
     host_batch = run.next_batch(it)  # fetched before the refresh, as the original
     run.show_views(step, host_batch)
     it_index = step - 1    # the original's iteration index
-    if it_index % every == 0:
-      state, stats = refresh_banks(state, target_list, it_index // every, embed=embed,
-                                   config=config, mesh=run.mesh, with_teacher=it_index == 0,
-                                   resident=resident)
+    if it_index % a.refresh_every == 0:
+      state, stats = stage.refresh(state, target_list, it_index // a.refresh_every,
+                                   with_teacher=it_index == 0, resident=resident)
       run.writer.write_scalars(it_index, stats)
       logging.info("step %d bank refresh: argmax acc %.4f, cluster acc %.4f (monitoring only)",
                    it_index, stats["refresh/argmax_acc"], stats["refresh/cluster_acc"])
       # The refresh ends the epoch: the next batch starts a new shuffled stream.
       record.stream += 1
       it = new_iterator(record.stream)
-    state, metrics = p_step(state, parallel.shard_batch(host_batch, run.mesh))
+    state, metrics = stage.step(state, parallel.shard_batch(host_batch, run.mesh))
     run.end_of_step(step, state, metrics, it, record)
   out = run.finish(state, source_only=record.source_only or {})
-  out["source_only"] = {k: v["acc"] if isinstance(v, dict) else v
-                        for k, v in (record.source_only or {}).items()}
+  out["source_only"] = {k: v["accuracy"] for k, v in (record.source_only or {}).items()}
   return out

@@ -14,18 +14,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
+
+from eercl_jax import config_defaults  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_SYNTHETIC = dict(image_size=32, train_per_class=24, test_per_class=8, target_per_class=16)
+# grain reads its absl flags when it starts data workers; tests run outside an absl program
+# (eercl_jax.tools.cli.grain_workers_ready does the same for the argparse commands).
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """A folder holding `data/` with a small synthetic set in the real list layout; the configs'
-  relative paths resolve against it (tests chdir into it)."""
-  from eercl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  """A folder holding `data/` with the dry run's synthetic set in the real list layout; the
+  configs' relative paths resolve against it (tests chdir into it)."""
+  from eercl_jax.data.datasets import synthetic  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("fer")
-  synthetic.ensure_generated(str(root / "data"), **SMALL_SYNTHETIC)
+  synthetic.ensure_generated(str(root / "data"), **config_defaults.RUNLOCAL_SYNTHETIC)
   return root
 
 
@@ -38,22 +44,12 @@ def source_run(data_dir, tmp_path_factory):
   old = os.getcwd()
   os.chdir(data_dir)
   try:
-    c = tiny(demo_source.get_config())
+    c = demo_source.get_config("runlocal")
     c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
     train_source.train_and_evaluate(c, workdir)
   finally:
     os.chdir(old)
   return workdir
-
-
-def tiny(config):
-  """Shrinks a demo config to seconds: 32 px images, the smallest ViT and head."""
-  config.data.synthetic.update(SMALL_SYNTHETIC)
-  config.data.resize, config.data.crop = 36, 32
-  config.model.bottleneck_dim = config.model.width = 32
-  config.model.feat_dim = 16
-  config.batch_size, config.bn_group_size, config.eval_batch_size = 32, 16, 64
-  return config
 
 
 def assert_trees_close(got, want, rtol=1e-4, atol=1e-5, what="", scale_tol=3e-5):

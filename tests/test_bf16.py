@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 
 from configs import demo_adapt, demo_source
-from eercl_jax import losses, optim, parallel, train_adapt, train_source
+from eercl_jax import config_defaults, losses, parallel, train_adapt, train_source
 from eercl_jax.models import eercl
-from tests.conftest import tiny
+
 
 SIZE, B, N = 16, 16, 40       # image side, batch, target images
 LOSS_TOL, UPDATE_TOL, COS_MIN, SCORE_TOL = 0.03, 0.2, 0.999, 1e-3
 
 
 def _shrink(c, dtype):
-  c = tiny(c)
+  c = config_defaults.runlocal(c)
   c.model.dtype = dtype
   c.model.dropout = 0.0
   c.data.resize = c.data.crop = SIZE
@@ -87,19 +87,16 @@ def mesh():
 
 def test_source_steps_agree_and_state_stays_float32(mesh):
   configs = {d: _shrink(demo_source.get_config(), d) for d in ("float32", "bfloat16")}
-  c32 = configs["float32"]
-  model32 = eercl.create_model(c32.model)
-  tx = optim.for_model(c32)
-  init = jax.device_get(train_source.create_state(c32, model32, tx, jax.random.PRNGKey(0)))
+  init = jax.device_get(train_source.build(configs["float32"], mesh).state)
   batches = _batches(3, ("image",))
   results = {}
   for dtype, c in configs.items():
-    model = eercl.create_model(c.model)
-    step = train_source.compile_train_step(c, model, tx, mesh)
-    state = parallel.replicate(init, mesh)
+    built = train_source.build(c, mesh, variables={"params": init.params,
+                                                   "batch_stats": init.batch_stats})
+    state = built.state
     losses = []
     for b in batches:
-      state, m = step(state, parallel.shard_batch(b, mesh))
+      state, m = built.step(state, parallel.shard_batch(b, mesh))
       losses.append(jax.device_get(m))
     results[dtype] = (jax.device_get(state), losses)
   (s_bf, l_bf), (s_32, l_32) = results["bfloat16"], results["float32"]
@@ -115,22 +112,20 @@ def test_adaptation_steps_and_refresh_agree_and_banks_stay_float32(mesh):
   c32 = configs["float32"]
   variables = jax.device_get(eercl.init_variables(eercl.create_model(c32.model),
                                                   jax.random.PRNGKey(1), SIZE))
-  tx = optim.for_model(c32, frozen=("classifier",))
   batches = _batches(2, ("weak", "strong1", "strong2"), seed=1)
   keys = ["train/loss", "train/aad_attract", "train/aad_disperse", "train/class_contrast",
           "train/instance_nce"]
   results, embeds = {}, {}
   for dtype, c in configs.items():
-    model = eercl.create_model(c.model)
-    state = train_adapt.create_state(c, model, tx, variables, N, mesh)
+    built = train_adapt.build(c, mesh, variables, N)
+    state = built.state
     # The refresh's embedding of a batch (what the banks store).
-    embed = train_adapt._make_embed(model, c)   # pylint: disable=protected-access
-    embeds[dtype] = jax.device_get(embed(state.params, state.batch_stats, batches[0]["weak"]))
+    embeds[dtype] = jax.device_get(built.evaluator.embed(
+        {"params": state.params, "batch_stats": state.batch_stats}, batches[0]["weak"]))
     init_params = jax.device_get(state.params)
-    step = train_adapt.compile_adapt_step(c, model, tx, mesh, state, N)
     metrics = []
     for b in batches:
-      state, m = step(state, parallel.shard_batch(b, mesh))
+      state, m = built.step(state, parallel.shard_batch(b, mesh))
       metrics.append(jax.device_get(m))
     results[dtype] = (jax.device_get(state), metrics)
   (s_bf, m_bf), (s_32, m_32) = results["bfloat16"], results["float32"]

@@ -4,7 +4,7 @@ import json
 import os
 
 from tests.conftest import REPO
-from tests.test_train_source import TINY_FLAGS, _cli
+from tests.test_train_source import _cli
 
 RESNET_FLAGS = ["--config.model.backbone=resnet", "--config.model.size=mu",
                 "--config.model.remat=True"]
@@ -12,7 +12,7 @@ RESNET_FLAGS = ["--config.model.backbone=resnet", "--config.model.size=mu",
 
 def test_cli_trains_and_adapts_a_tiny_resnet(data_dir, tmp_path):
   src, ada = tmp_path / "source", tmp_path / "adapt"
-  proc = _cli([f"--config={REPO}/configs/demo_source.py", f"--workdir={src}", *TINY_FLAGS,
+  proc = _cli([f"--config={REPO}/configs/demo_source.py:runlocal", f"--workdir={src}",
                *RESNET_FLAGS, "--config.num_steps=4", "--config.log_every=2",
                "--config.eval_every=4", "--config.checkpoint_every=4"], cwd=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -22,7 +22,7 @@ def test_cli_trains_and_adapts_a_tiny_resnet(data_dir, tmp_path):
   assert meta["arch"]["backbone"] == "resnet" and meta["arch"]["size"] == "mu"
   assert meta["config"]["model"]["remat"] is True
 
-  common = [f"--config={REPO}/configs/demo_adapt.py", *TINY_FLAGS, *RESNET_FLAGS,
+  common = [f"--config={REPO}/configs/demo_adapt.py:runlocal", *RESNET_FLAGS,
             f"--config.source_checkpoint={src}", "--config.num_steps=3", "--config.eval_every=3",
             "--config.adapt.refresh_every=2", "--config.adapt.refresh_batch_size=64"]
   proc = _cli([*common, f"--workdir={ada}"], cwd=data_dir)

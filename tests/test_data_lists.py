@@ -6,6 +6,7 @@ from PIL import Image
 import pytest
 
 from eercl_jax.data import lists
+from eercl_jax.errors import DataError
 
 CLASSES = ("angry", "disgust", "fear")
 
@@ -46,7 +47,7 @@ def test_parses_paths_labels_and_lines(tmp_path, root):
 
 
 def test_missing_list_file(tmp_path, root):
-  with pytest.raises(lists.DataError, match="nope.txt.*not found"):
+  with pytest.raises(DataError, match="nope.txt.*not found"):
     lists.read_list(str(tmp_path / "nope.txt"), root, CLASSES)
 
 
@@ -59,7 +60,7 @@ def test_missing_list_file(tmp_path, root):
 ])
 def test_malformed_line(tmp_path, root, line, why):
   path = _list(tmp_path, f"d/fear/1.jpg 2\n{line}\n")
-  with pytest.raises(lists.DataError, match=why) as e:
+  with pytest.raises(DataError, match=why) as e:
     lists.read_list(path, root, CLASSES)
   assert f"{path}:2:" in str(e.value)
 
@@ -67,20 +68,20 @@ def test_malformed_line(tmp_path, root, line, why):
 @pytest.mark.parametrize("label", [-1, 3, 7])
 def test_label_out_of_range(tmp_path, root, label):
   path = _list(tmp_path, f"d/fear/1.jpg 2\nd/angry/0.jpg {label}\n")
-  with pytest.raises(lists.DataError, match=r"outside \[0, 3\)") as e:
+  with pytest.raises(DataError, match=r"outside \[0, 3\)") as e:
     lists.read_list(path, root, CLASSES)
   assert f"{path}:2:" in str(e.value)
 
 
 def test_malformed_lines_are_errors_even_when_skipping(tmp_path, root):
   path = _list(tmp_path, "d/angry/0.jpg 9\n")
-  with pytest.raises(lists.DataError, match=f"{path}:1:"):
+  with pytest.raises(DataError, match=f"{path}:1:"):
     lists.read_list(path, root, CLASSES, skip_bad_images=True)
 
 
 def test_empty_list(tmp_path, root):
   path = _list(tmp_path, "\n\n")
-  with pytest.raises(lists.DataError, match="no usable entries") as e:
+  with pytest.raises(DataError, match="no usable entries") as e:
     lists.read_list(path, root, CLASSES)
   assert path in str(e.value)
 
@@ -88,7 +89,7 @@ def test_empty_list(tmp_path, root):
 def test_missing_image(tmp_path, root):
   path = _list(tmp_path, "d/angry/0.jpg 0\nd/angry/gone.jpg 0\n")
   for mode in ("decode", "exists"):
-    with pytest.raises(lists.DataError, match="missing image") as e:
+    with pytest.raises(DataError, match="missing image") as e:
       lists.read_list(path, root, CLASSES, check_images=mode)
     assert f"{path}:2:" in str(e.value) and "gone.jpg" in str(e.value)
   assert len(lists.read_list(path, root, CLASSES, check_images="none")) == 2
@@ -98,7 +99,7 @@ def test_corrupt_image(tmp_path, root):
   with open(os.path.join(root, "d/angry/bad.jpg"), "wb") as f:
     f.write(b"this is not a jpeg")
   path = _list(tmp_path, "d/angry/bad.jpg 0\nd/angry/0.jpg 0\n")
-  with pytest.raises(lists.DataError, match="unreadable image") as e:
+  with pytest.raises(DataError, match="unreadable image") as e:
     lists.read_list(path, root, CLASSES)
   assert f"{path}:1:" in str(e.value) and "bad.jpg" in str(e.value)
   # 'exists' does not open the file, so it lets the corrupt image through.
@@ -117,7 +118,7 @@ def test_skip_bad_images(tmp_path, root):
 
 def test_all_skipped_is_the_empty_list_error(tmp_path, root):
   path = _list(tmp_path, "d/x/gone.jpg 0\nd/x/gone2.jpg 1\n")
-  with pytest.raises(lists.DataError, match="no usable entries.*all 2"):
+  with pytest.raises(DataError, match="no usable entries.*all 2"):
     lists.read_list(path, root, CLASSES, skip_bad_images=True)
 
 
@@ -143,7 +144,7 @@ def _truncated_jpeg(root, rel):
 def test_a_truncated_jpeg_fails_the_decode_check_and_can_be_skipped(tmp_path, root):
   _truncated_jpeg(root, "d/angry/cut.jpg")
   path = _list(tmp_path, "d/angry/0.jpg 0\nd/angry/cut.jpg 0\n")
-  with pytest.raises(lists.DataError, match="unreadable image.*truncated") as e:
+  with pytest.raises(DataError, match="unreadable image.*truncated") as e:
     lists.read_list(path, root, CLASSES)
   assert f"{path}:2:" in str(e.value) and "cut.jpg" in str(e.value)
   fl = lists.read_list(path, root, CLASSES, skip_bad_images=True)
@@ -151,21 +152,21 @@ def test_a_truncated_jpeg_fails_the_decode_check_and_can_be_skipped(tmp_path, ro
 
 
 def test_sixteen_bit_png_is_scaled_and_float_images_are_refused(tmp_path):
-  from eercl_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  from eercl_jax.data import images  # pylint: disable=import-outside-toplevel
   wide = np.array([[0, 257, 32896], [65535, 1000, 60000]], np.uint16)
   path = str(tmp_path / "wide.png")
   Image.fromarray(wide).save(path)
   with Image.open(path) as im:
     assert im.mode.startswith("I")   # Pillow keeps 16 bits; its convert('RGB') would clip
-  img = transforms.load_image(path)
+  img = images.load_image(path)
   want = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
   assert img.shape == (2, 3, 3) and img.dtype == np.uint8
   np.testing.assert_array_equal(img[..., 0], want)
   np.testing.assert_array_equal(img[..., 0], img[..., 2])
   fpath = str(tmp_path / "float.tiff")
   Image.fromarray(np.ones((4, 4), np.float32) * 0.5).save(fpath)
-  with pytest.raises(lists.DataError, match="float.tiff.*floating-point image"):
-    transforms.load_image(fpath)
+  with pytest.raises(DataError, match="float.tiff.*floating-point image"):
+    images.load_image(fpath)
 
 
 def test_list_hygiene_bom_paths_labels_duplicates(tmp_path, root, monkeypatch):
@@ -176,13 +177,13 @@ def test_list_hygiene_bom_paths_labels_duplicates(tmp_path, root, monkeypatch):
   for line in ("../outside.jpg 0", "d/../../outside.jpg 0",
                f"{os.path.join(root, 'd/angry/0.jpg')} 0"):
     path = _list(tmp_path, f"d/fear/1.jpg 2\n{line}\n", name="escape.txt")
-    with pytest.raises(lists.DataError, match="leaves the image root") as e:
+    with pytest.raises(DataError, match="leaves the image root") as e:
       lists.read_list(path, root, CLASSES)
     assert f"{path}:2:" in str(e.value)
     assert len(lists.read_list(path, root, CLASSES, allow_outside_root=True)) == 2
   for label in ("+2", "02x", "２"):
     path = _list(tmp_path, f"d/fear/1.jpg {label}\n", name="label.txt")
-    with pytest.raises(lists.DataError, match=f"{path}:1:"):
+    with pytest.raises(DataError, match=f"{path}:1:"):
       lists.read_list(path, root, CLASSES)
   path = _list(tmp_path, "d/angry/0.jpg 0\nd/fear/1.jpg 2\nd/angry/0.jpg 0\n", name="dup.txt")
   warned = []

@@ -10,7 +10,7 @@ import pytest
 from configs import demo_source
 from eercl_jax import config_defaults, run as run_lib
 from eercl_jax.data import host
-from tests.conftest import tiny
+
 
 
 @pytest.mark.parametrize("cores, want", [(1, (0, 2)), (2, (1, 2)), (8, (7, 2)), (64, (16, 2))])
@@ -61,7 +61,7 @@ class _SlowIterator:
 
 
 def test_the_run_logs_its_input_wait_fraction(tmp_path):
-  c = tiny(demo_source.get_config())
+  c = demo_source.get_config("runlocal")
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 100, 4, 100, 100
   workdir = str(tmp_path / "run")
   r = run_lib.Run(c, workdir, "source")

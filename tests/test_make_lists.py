@@ -13,7 +13,7 @@ import pytest
 
 from eercl_jax import config_defaults
 from eercl_jax.data import lists, make_lists
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
 CLASSES = config_defaults.FER_CLASSES      # angry disgust fear happy neutral sad surprise

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_train_source import TINY_FLAGS
 
 STEPS = ["--config.num_steps=3", "--config.log_every=1", "--config.eval_every=3",
          "--config.checkpoint_every=3"]
@@ -50,10 +49,10 @@ def test_two_processes_match_one(data_dir, tmp_path):
   runs = {}
   for n in (1, 2):
     src, ada = str(tmp_path / f"src{n}"), str(tmp_path / f"ada{n}")
-    out = _launch([f"--config={REPO}/configs/demo_source.py", f"--workdir={src}", *TINY_FLAGS,
+    out = _launch([f"--config={REPO}/configs/demo_source.py:runlocal", f"--workdir={src}",
                    *STEPS], data_dir, n)
     assert "[source] final" in out
-    out = _launch([f"--config={REPO}/configs/demo_adapt.py", f"--workdir={ada}", *TINY_FLAGS,
+    out = _launch([f"--config={REPO}/configs/demo_adapt.py:runlocal", f"--workdir={ada}",
                    *STEPS, f"--config.source_checkpoint={src}",
                    "--config.adapt.refresh_every=2",
                    "--config.adapt.refresh_batch_size=64"], data_dir, n)

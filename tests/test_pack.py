@@ -14,7 +14,8 @@ from PIL import Image
 import pytest
 
 from eercl_jax import config_defaults, parallel
-from eercl_jax.data import lists, pack, packed, pipelines as P, resident, transforms as T
+from eercl_jax.data import images, lists, packed, pipelines as P, resident, run_lists
+from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
 N, G = 13, 4
@@ -37,7 +38,7 @@ def root(tmp_path_factory):
     Image.fromarray(img).save(root / rel, quality=90)
     lines.append(f"{rel} {i % 3}\n")
   (root / "list.txt").write_text("".join(lines))
-  out = pack.pack_list(str(root / "list.txt"), str(root), str(root / "packed" / "list"), CLASSES)
+  out = packed.pack_list(str(root / "list.txt"), str(root), str(root / "packed" / "list"), CLASSES)
   assert out == str(root / "packed" / "list")
   return root
 
@@ -65,13 +66,13 @@ def test_packed_records_are_the_decoded_pixels_with_metadata(root):
   assert len(source) == N
   for i in (0, 7, N - 1):
     rec = source[i]
-    np.testing.assert_array_equal(rec["image"], T.load_image(folder.paths[i]))
+    np.testing.assert_array_equal(rec["image"], images.load_image(folder.paths[i]))
     assert int(rec["index"]) == i and int(rec["label"]) == folder.labels[i]
     assert rec["path"].decode() == f"d/{i:02d}.jpg"
   assert packed.class_names_of(pk.packed_dir) == CLASSES
   meta = packed.read_meta(pk.packed_dir)
   assert (meta["count"], meta["stored_size"], tuple(meta["class_names"])) == (N, None, CLASSES)
-  assert meta["fingerprint"] == pack.list_fingerprint(folder)
+  assert meta["fingerprint"] == packed.list_fingerprint(folder)
 
 
 def test_train_batches_equal_across_epochs_resume_and_processes(root):
@@ -129,19 +130,19 @@ def _copy_list(root, name, edit=lambda lines: lines):
 def test_mismatches_are_named(root):
   packed_dir = str(root / "packed" / "list")
   short = _copy_list(root, "short.txt", lambda l: l[:-1])
-  with pytest.raises(lists.DataError, match=r"count 13 != 12 .*short\.txt"):
+  with pytest.raises(DataError, match=r"count 13 != 12 .*short\.txt"):
     packed.check(short, packed_dir, RESIZE)
   relabelled = _copy_list(root, "relabel.txt",
                           lambda l: [l[0].replace(" 0", " 1")] + l[1:])
-  with pytest.raises(lists.DataError, match=r"fingerprint .*relabel\.txt"):
+  with pytest.raises(DataError, match=r"fingerprint .*relabel\.txt"):
     packed.check(relabelled, packed_dir, RESIZE)
   folder = lists.read_list(str(root / "list.txt"), str(root), ("a", "b", "z"))
-  with pytest.raises(lists.DataError, match=r"class names \('a', 'b', 'c'\) != \('a', 'b', 'z'\)"):
+  with pytest.raises(DataError, match=r"class names \('a', 'b', 'c'\) != \('a', 'b', 'z'\)"):
     packed.check(folder, packed_dir, RESIZE)
-  with pytest.raises(lists.DataError, match=r"not a packed list .*eercl_pack\.json"):
+  with pytest.raises(DataError, match=r"not a packed list .*eercl_pack\.json"):
     packed.check(folder, str(root / "nowhere"), RESIZE)
   with pytest.raises(FileExistsError, match="overwrite"):
-    pack.pack_list(str(root / "list.txt"), str(root), packed_dir, CLASSES)
+    packed.pack_list(str(root / "list.txt"), str(root), packed_dir, CLASSES)
 
 
 def test_run_lists_read_packed_sets_and_name_the_missing_one(root):
@@ -151,12 +152,12 @@ def test_run_lists_read_packed_sets_and_name_the_missing_one(root):
   d.eval_lists = {"target": str(root / "list.txt")}
   d.resize, d.crop = RESIZE, CROP
   d.format, d.packed_root = "packed", str(root / "packed")
-  train, evals = lists.read_run_lists(d)
+  train, evals = run_lists.read_run_lists(d)
   assert train.packed_dir == evals["target"].packed_dir == str(root / "packed" / "list")
   d.eval_lists = {"target": str(root / "short.txt")}
   _copy_list(root, "short.txt", lambda l: l[:-1])
-  with pytest.raises(lists.DataError, match=r"packed[/\\]short"):
-    lists.read_run_lists(d)
+  with pytest.raises(DataError, match=r"packed[/\\]short"):
+    run_lists.read_run_lists(d)
   c = config_defaults.source_config()
   c.data.format = "zip"
   with pytest.raises(ValueError, match=r"config\.data\.format: 'zip'"):
@@ -180,7 +181,7 @@ def test_cli_packs_resized_and_weak_test_views_stay_bit_identical(root):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == str(out)
-  meta = json.loads((out / pack.META_FILE).read_text())
+  meta = json.loads((out / packed.META_FILE).read_text())
   assert meta["stored_size"] == RESIZE and meta["count"] == N
   folder = lists.read_list(str(root / "list.txt"), str(root), CLASSES)
   pk = packed.attach(folder, str(root / "packed_r"), RESIZE)
@@ -193,7 +194,7 @@ def test_cli_packs_resized_and_weak_test_views_stay_bit_identical(root):
   # The strong view's random-resized crop starts from the stored 20x20 image: other pixels.
   f, p = next(_train(folder, views=("strong",))), next(_train(pk, views=("strong",)))
   assert f["image"].shape == p["image"].shape and not np.array_equal(f["image"], p["image"])
-  with pytest.raises(lists.DataError, match=r"stored at 20x20 but config\.data\.resize is 24"):
+  with pytest.raises(DataError, match=r"stored at 20x20 but config\.data\.resize is 24"):
     packed.check(folder, str(out), 24)
   bad = subprocess.run([sys.executable, "-m", "eercl_jax.data.pack", f"--list={root / 'x.txt'}",
                         f"--image_root={root}", f"--out={root / 'x'}"],
@@ -286,8 +287,8 @@ def test_refresh_banks_from_the_resident_list(root):
   from configs import demo_adapt  # pylint: disable=import-outside-toplevel
   from eercl_jax import optim, train_adapt  # pylint: disable=import-outside-toplevel
   from eercl_jax.models import eercl  # pylint: disable=import-outside-toplevel
-  from tests.conftest import tiny  # pylint: disable=import-outside-toplevel
-  c = tiny(demo_adapt.get_config())
+
+  c = demo_adapt.get_config("runlocal")
   c.data.resize, c.data.crop, c.data.class_names = RESIZE, CROP, CLASSES
   c.model.num_classes = len(CLASSES)
   c.data.format, c.adapt.refresh_batch_size = "packed", 8

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from eercl_jax.data import lists, pipelines as P, transforms as T
+from eercl_jax.data import images, lists, pipelines as P, transforms as T
+from eercl_jax.errors import DataError
 
 N, G = 13, 4                 # 13 images, global batch 4: 3 steps per epoch, 1 image dropped
 CFG = P.ViewConfig(resize=20, crop=16)
@@ -64,7 +65,7 @@ def test_views_are_a_pure_function_of_seed_epoch_index(fer_list):
   b = next(_train(fer_list))  # step 0 is epoch 0
   for row, index in enumerate(b["index"]):
     rng, = P.view_rngs(7, 0, int(index), 1)
-    expected = T.weak_view(T.load_image(fer_list.paths[index]), rng, CFG.resize, CFG.crop)
+    expected = T.weak_view(images.load_image(fer_list.paths[index]), rng, CFG.resize, CFG.crop)
     np.testing.assert_array_equal(b["image"][row], expected)
 
 
@@ -139,7 +140,7 @@ def test_eval_covers_each_image_once_in_order(fer_list):
   np.testing.assert_array_equal(index[valid], np.arange(N))
   assert valid.sum() == N and not valid[N:].any()
   b = batches[0]
-  expected = T.test_view(T.load_image(fer_list.paths[0]), CFG.resize, CFG.crop)
+  expected = T.test_view(images.load_image(fer_list.paths[0]), CFG.resize, CFG.crop)
   np.testing.assert_array_equal(b["image"][0], expected)
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[valid],
                                 fer_list.labels)
@@ -223,7 +224,7 @@ def test_epoch_boundaries_follow_drop_last(fer_list_of_length, n, batch):
     # The first image of each epoch is augmented with that epoch's generator.
     first = batches[e * steps]
     rng, = P.view_rngs(7, e, int(first["index"][0]), 1)
-    expected = T.weak_view(T.load_image(fer.paths[first["index"][0]]), rng, CFG.resize, CFG.crop)
+    expected = T.weak_view(images.load_image(fer.paths[first["index"][0]]), rng, CFG.resize, CFG.crop)
     np.testing.assert_array_equal(first["image"][0], expected)
     epochs.append(seen)
   for a in range(3):
@@ -260,5 +261,5 @@ def test_an_image_that_fails_at_load_time_names_list_and_line(tmp_path):
   fer = lists.read_list(str(tmp_path / "list.txt"), str(root), CLASSES)
   (root / "d" / "2.png").write_bytes(b"broken after the start-up check")
   batches = P.eval_batches(fer, view="test", view_cfg=CFG, batch_size=4)
-  with pytest.raises(lists.DataError, match=r"list\.txt:3: .*2\.png: cannot decode"):
+  with pytest.raises(DataError, match=r"list\.txt:3: .*2\.png: cannot decode"):
     list(batches)

@@ -19,16 +19,15 @@ import pytest
 from configs import demo_source
 from eercl_jax import checkpoints, run as run_lib
 from eercl_jax.models import eercl
-from tests.conftest import REPO, tiny
-from tests.test_train_source import TINY_FLAGS
+from tests.conftest import REPO
 
 STEPS = 30
-FLAGS = [*TINY_FLAGS, f"--config.num_steps={STEPS}", "--config.log_every=1",
+FLAGS = [f"--config.num_steps={STEPS}", "--config.log_every=1",
          "--config.eval_every=1", f"--config.checkpoint_every={STEPS}"]
 
 
 def _args(workdir, *extra):
-  return [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_source.py",
+  return [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_source.py:runlocal",
           f"--workdir={workdir}", *FLAGS, *extra]
 
 
@@ -56,7 +55,7 @@ def _wait_for(log, text, proc, timeout=300):
 
 
 def _params(folder):
-  model = eercl.create_model(tiny(demo_source.get_config()).model)
+  model = eercl.create_model(demo_source.get_config("runlocal").model)
   variables, _ = checkpoints.restore_variables(
       str(folder), model, 32, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   return jax.device_get(variables)

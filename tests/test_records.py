@@ -15,6 +15,7 @@ import pytest
 from configs import demo_source
 from eercl_jax import inference, predict, records, summarize
 from eercl_jax.data import lists
+from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
 RESULTS_KEYS = {"stage", "seed", "config_file", "workdir", "selection", "best_step", "last_step",
@@ -65,12 +66,12 @@ def test_rerun_of_a_finished_run_keeps_its_best_results(source_run, data_dir, mo
   """Rerunning a finished run resumes after its last step: results.json is written again, with
   the best step's accuracies read back from the checkpoint."""
   from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
-  from tests.conftest import tiny  # pylint: disable=import-outside-toplevel
+
   monkeypatch.chdir(data_dir)
   copy = tmp_path / "copy"
   shutil.copytree(source_run, copy, ignore=shutil.ignore_patterns("eval", "run.lock"))
   before = _json(copy / "results.json")
-  c = tiny(demo_source.get_config())
+  c = demo_source.get_config("runlocal")
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 4
   train_source.train_and_evaluate(c, str(copy))
   after = _json(copy / "results.json")
@@ -166,11 +167,11 @@ def test_eval_mode_step_folder_named_lists_and_errors(source_run, data_dir, monk
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no orbax checkpoint found in .*empty_run"):
     inference.evaluate_checkpoint(_eval_config(), str(empty))
-  with pytest.raises(lists.DataError, match="missing.txt: list file not found"):
+  with pytest.raises(DataError, match="missing.txt: list file not found"):
     inference.evaluate_checkpoint(_eval_config(lists="missing.txt"), source_run)
   bad = tmp_path / "bad.txt"
   bad.write_text("synth_wild/happy/synth_wild_target_0000.jpg 3\nno_label_here\n")
-  with pytest.raises(lists.DataError, match=r"bad.txt:2: expected"):
+  with pytest.raises(DataError, match=r"bad.txt:2: expected"):
     inference.evaluate_checkpoint(_eval_config(lists=str(bad)), source_run)
   with pytest.raises(ValueError, match="config.eval.lists"):
     inference.parse_lists("a=x.txt,a=y.txt")

@@ -11,7 +11,7 @@ import pytest
 
 from configs import demo_source
 from eercl_jax import checkpoints, run as run_lib
-from tests.conftest import tiny
+
 
 
 def test_itstime():
@@ -43,7 +43,7 @@ class ToyIterator:
 
 
 def _run(workdir, accuracies, monkeypatch):
-  c = tiny(demo_source.get_config())
+  c = demo_source.get_config("runlocal")
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 1, 2
   r = run_lib.Run(c, workdir, "source")
   scripted = iter(accuracies)
@@ -100,7 +100,7 @@ def test_resume_refuses_another_architecture(tmp_path, monkeypatch):
   state, _, _ = r.resume(state)
   r.save(2, state.replace(step=jnp.asarray(2)), ToyIterator(2))
   r.ckpt.close()
-  c = tiny(demo_source.get_config())
+  c = demo_source.get_config("runlocal")
   c.model.size = "Ti/8"
   other = run_lib.Run(c, workdir, "source")
   with pytest.raises(ValueError, match="model.size: checkpoint 'mu/8' vs config 'Ti/8'"):
@@ -219,7 +219,7 @@ def test_resume_refuses_fields_that_change_shapes_or_the_stream(tmp_path, monkey
   _drive(r, state, record, stop_after=4)           # checkpoints at 2 and 4
 
   def resume_with(**changes):
-    c = tiny(demo_source.get_config())
+    c = demo_source.get_config("runlocal")
     c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 1, 2
     for key, value in changes.items():
       node, leaf = c, key

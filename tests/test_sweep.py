@@ -13,7 +13,6 @@ import pytest
 
 from eercl_jax import sweep
 from tests.conftest import REPO
-from tests.test_train_source import TINY_FLAGS
 
 SBATCH = os.path.join(REPO, "launch", "sweep.sbatch")
 
@@ -168,11 +167,11 @@ def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path)
   """2 seeds x 1 target on the synthetic data, two CPU runs at a time: SIGTERM while an
   adaptation runs, rerun: finished runs are skipped, the others resume, the summary is written."""
   root = tmp_path / "grid"
-  flags = " ".join([*TINY_FLAGS, "--config.num_steps=6", "--config.log_every=3",
+  flags = " ".join(["--config.num_steps=6", "--config.log_every=3",
                     "--config.eval_every=3", "--config.checkpoint_every=3"])
   args = [sys.executable, "-m", "eercl_jax.sweep", f"--root={root}",
-          f"--sources=demo={REPO}/configs/demo_source.py",
-          f"--targets=demo={REPO}/configs/demo_adapt.py", "--seeds=1,2", "--devices=cpu:2",
+          f"--sources=demo={REPO}/configs/demo_source.py:runlocal",
+          f"--targets=demo={REPO}/configs/demo_adapt.py:runlocal", "--seeds=1,2", "--devices=cpu:2",
           f"--source_args={flags}", f"--adapt_args={flags}"]
   env = dict(os.environ, PYTHONPATH=REPO)
   out = tmp_path / "runner.out"

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from eercl_jax.data import lists, synthetic, transforms
+from eercl_jax.data import images, lists
+from eercl_jax.data.datasets import synthetic
 
 SMALL = dict(image_size=32, train_per_class=3, test_per_class=2, target_per_class=2, seed=1)
 
@@ -40,7 +41,7 @@ def test_lists_parse_decode_and_are_balanced(generated, split, per_class, domain
   for path, label in zip(fl.paths, fl.labels):
     parts = path.split(os.sep)
     assert parts[-3] == domain and parts[-2] == synthetic.CLASSES[label]
-    img = transforms.load_image(path)
+    img = images.load_image(path)
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
 
 
@@ -64,7 +65,7 @@ def test_generation_is_deterministic(generated, tmp_path):
     a = lists.read_list(paths[split], paths["image_root"], synthetic.CLASSES, check_images="none")
     b = lists.read_list(again[split], again["image_root"], synthetic.CLASSES, check_images="none")
     for pa, pb in zip(a.paths[:5], b.paths[:5]):
-      np.testing.assert_array_equal(transforms.load_image(pa), transforms.load_image(pb))
+      np.testing.assert_array_equal(images.load_image(pa), images.load_image(pb))
 
 
 def test_generate_refuses_to_overwrite(generated):
@@ -97,4 +98,4 @@ def test_cli(tmp_path):
                   "--test_per_class", "1", "--target_per_class", "1"])
   fl = lists.read_list(os.path.join(root, "txt", "fer", "labeled_source_images_synth_studio.txt"),
                        os.path.join(root, "fer"), synthetic.CLASSES)
-  assert len(fl) == 7 and transforms.load_image(fl.paths[0]).shape == (24, 24, 3)
+  assert len(fl) == 7 and images.load_image(fl.paths[0]).shape == (24, 24, 3)

@@ -1,5 +1,6 @@
 """The adaptation stage: the sharded step on 1 vs 8 devices, exact resume (banks, EMA teacher,
 ring pointers), source-checkpoint checks and the CLI."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,14 +13,13 @@ import pytest
 
 from configs import demo_adapt
 from eercl_jax import logs, optim, parallel, train_adapt
-from eercl_jax.data import lists
-from eercl_jax.data import pipelines
+from eercl_jax.data import pipelines, run_lists
 from eercl_jax.models import eercl
-from tests.conftest import REPO, tiny
+from tests.conftest import REPO
 
 
 def _config(source_run, **overrides):
-  c = tiny(demo_adapt.get_config())
+  c = demo_adapt.get_config("runlocal")
   c.source_checkpoint = source_run
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
   c.adapt.refresh_every = 2
@@ -30,20 +30,20 @@ def _config(source_run, **overrides):
   return c
 
 
+def _built(config, mesh):
+  variables, _ = train_adapt.load_source_variables(config, eercl.create_model(config.model),
+                                                   mesh)
+  target_list, _ = run_lists.read_run_lists(config.data)
+  return train_adapt.build(config, mesh, variables, len(target_list)), target_list
+
+
 def _steps(config, devices, batches):
   mesh = parallel.create_mesh(devices)
-  model = eercl.create_model(config.model)
-  tx = optim.for_model(config, frozen=("classifier",))
-  variables, _ = train_adapt.load_source_variables(config, model, mesh)
-  target_list, _ = lists.read_run_lists(config.data)
-  state = train_adapt.create_state(config, model, tx, variables, len(target_list), mesh)
-  state, _ = train_adapt.refresh_banks(state, target_list, 0,
-                                       embed=train_adapt._make_embed(model, config),
-                                       config=config, mesh=mesh, with_teacher=True)
-  step = train_adapt.compile_adapt_step(config, model, tx, mesh, state, len(target_list))
+  built, target_list = _built(config, mesh)
+  state, _ = built.refresh(built.state, target_list, 0, with_teacher=True)
   metrics = []
   for b in batches:
-    state, m = step(state, parallel.shard_batch(b, mesh))
+    state, m = built.step(state, parallel.shard_batch(b, mesh))
     metrics.append(logs.to_host_scalars(m))
   return state, metrics
 
@@ -51,7 +51,7 @@ def _steps(config, devices, batches):
 def test_adapt_step_on_one_and_eight_devices_agree(data_dir, source_run, monkeypatch):
   monkeypatch.chdir(data_dir)
   config = _config(source_run)
-  target_list, _ = lists.read_run_lists(config.data)
+  target_list, _ = run_lists.read_run_lists(config.data)
   it = iter(pipelines.train_dataset(target_list, views=("weak", "strong", "strong"),
                                     view_cfg=pipelines.view_config(config.data),
                                     global_batch=config.batch_size, seed=0))
@@ -95,10 +95,9 @@ def test_resume_restores_banks_teacher_and_pointers(data_dir, source_run, monkey
   def state_of(workdir):
     config = _config(source_run, num_steps=3)
     mesh = parallel.create_mesh(jax.devices()[:1])
-    model = eercl.create_model(config.model)
-    tx = optim.for_model(config, frozen=("classifier",))
-    variables, _ = train_adapt.load_source_variables(config, model, mesh)
-    template = train_adapt.create_state(config, model, tx, variables, 112, mesh)
+    variables, _ = train_adapt.load_source_variables(config, eercl.create_model(config.model),
+                                                     mesh)
+    template = train_adapt.build(config, mesh, variables, 112).state
     from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
     ck = checkpoints.RunCheckpoints(str(workdir))
     state, _, _ = ck.restore_latest(checkpoints.abstract_like(template))
@@ -128,12 +127,11 @@ def test_source_checkpoint_mismatch_names_the_difference(data_dir, source_run, m
 
 
 def test_cli_adapts_and_prints_side_by_side(data_dir, source_run, tmp_path):
-  from tests.test_train_source import TINY_FLAGS  # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "adapt"
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.run(
-      [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_adapt.py",
-       f"--workdir={workdir}", *TINY_FLAGS, f"--config.source_checkpoint={source_run}",
+      [sys.executable, "-m", "eercl_jax.main", f"--config={REPO}/configs/demo_adapt.py:runlocal",
+       f"--workdir={workdir}", f"--config.source_checkpoint={source_run}",
        "--config.num_steps=3", "--config.eval_every=3", "--config.adapt.refresh_every=2",
        "--config.adapt.refresh_batch_size=64"],
       cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
@@ -145,14 +143,14 @@ def test_cli_adapts_and_prints_side_by_side(data_dir, source_run, tmp_path):
   # Run records: the resolved config, and results with the source model's evaluation.
   assert json.load(open(workdir / "config.json"))["source_checkpoint"] == source_run
   res = json.load(open(workdir / "results.json"))
-  assert res["stage"] == "adapt" and res["config_file"] == f"{REPO}/configs/demo_adapt.py"
+  assert res["stage"] == "adapt" and res["config_file"] == f"{REPO}/configs/demo_adapt.py:runlocal"
   assert res["selection"] == "best target accuracy (oracle selection: uses target labels)"
   assert res["last_step"] == res["best_step"] == 3
   assert [(k, v["role"]) for k, v in res["lists"].items()] == [("target", "target"),
                                                                ("source", "source_test")]
   for entry in res["lists"].values():
     for pair in (entry["source_only"], entry["best"], entry["last"]):
-      assert set(pair) == {"acc", "mean_class_acc"} and 0 <= pair["acc"] <= 1
+      assert set(pair) == {"accuracy", "mean_class_accuracy"} and 0 <= pair["accuracy"] <= 1
   log = open(workdir / "logs" / "train.log").read()
   for word in ("aad_attract", "aad_disperse", "instance_nce", "mask_acc", "cluster_mask_acc", "mean_max_prob",
                "bank refresh", "oracle selection"):
@@ -170,43 +168,40 @@ def test_loop_refresh_cadence_new_stream_and_config_reach(data_dir, source_run, 
   config.checkpoint_every = 5
   refreshes, seen, frozen_arg = [], [], []
 
-  def fake_refresh(state, target_list, refresh_index, *, embed, config, mesh, with_teacher,
-                   resident=None):
-    del target_list, embed, config, mesh, resident
+  def fake_refresh(state, target_list, refresh_index, *, with_teacher, resident=None):
+    del target_list, resident
     refreshes.append((int(state.step), refresh_index, with_teacher))
     return state, {"refresh/argmax_acc": 0.0, "refresh/cluster_acc": 0.0}
 
-  def fake_compile(config, model, tx, mesh, state, num_images):
-    del config, model, tx, mesh, state, num_images
+  def fake_step(state, batch):
+    seen.append(np.asarray(jax.device_get(batch["index"])))
+    zero = jnp.zeros(())
+    return state.replace(step=state.step + 1), {
+        "train/loss": zero, "count/mask": zero + 1, "count/mask_correct": zero,
+        "count/cluster_mask_correct": zero}
 
-    def step(state, batch):
-      seen.append(np.asarray(jax.device_get(batch["index"])))
-      zero = jnp.zeros(())
-      return state.replace(step=state.step + 1), {
-          "train/loss": zero, "count/mask": zero + 1, "count/mask_correct": zero,
-          "count/cluster_mask_correct": zero}
-    return step
+  real_build, real_for_model = train_adapt.build, optim.for_model
 
-  real_for_model = optim.for_model
+  def recording_build(*args, **kwargs):
+    return dataclasses.replace(real_build(*args, **kwargs), refresh=fake_refresh, step=fake_step)
 
   def recording_for_model(config, frozen=()):
     frozen_arg.append(tuple(frozen))
     return real_for_model(config, frozen=frozen)
 
-  monkeypatch.setattr(train_adapt, "refresh_banks", fake_refresh)
-  monkeypatch.setattr(train_adapt, "compile_adapt_step", fake_compile)
+  monkeypatch.setattr(train_adapt, "build", recording_build)
   monkeypatch.setattr(optim, "for_model", recording_for_model)
   train_adapt.train_and_evaluate(config, str(tmp_path / "loop"))
 
   assert refreshes == [(0, 0, True), (2, 1, False), (4, 2, False)]
   assert frozen_arg == [("classifier",)]
-  target_list, _ = lists.read_run_lists(config.data)
+  target_list, _ = run_lists.read_run_lists(config.data)
 
   def stream(k):
     return iter(pipelines.train_dataset(
         target_list, views=("weak", "strong", "strong"),
         view_cfg=pipelines.view_config(config.data), global_batch=config.batch_size,
-        seed=train_adapt._stream_seed(config.seed, k)))   # pylint: disable=protected-access
+        seed=train_adapt.stream_seed(config.seed, k)))
   s0, s1, s2 = stream(0), stream(1), stream(2)
   want = [next(s0), next(s1), next(s1), next(s2), next(s2)]   # steps 1..5
   for step, (got, exp) in enumerate(zip(seen, want), 1):
@@ -235,14 +230,8 @@ def test_refresh_reads_its_config(data_dir, source_run, monkeypatch):
     calls.append({k: kw[k] for k in ("view", "batch_size", "epoch")})
     return real(fer_list, **kw)
   monkeypatch.setattr(pipelines, "eval_batches", recording)
-  mesh = parallel.create_mesh(jax.devices()[:1])
-  model = eercl.create_model(config.model)
-  tx = optim.for_model(config, frozen=("classifier",))
-  variables, _ = train_adapt.load_source_variables(config, model, mesh)
-  target_list, _ = lists.read_run_lists(config.data)
-  state = train_adapt.create_state(config, model, tx, variables, len(target_list), mesh)
-  train_adapt.refresh_banks(state, target_list, 3, embed=train_adapt._make_embed(model, config),  # pylint: disable=protected-access
-                            config=config, mesh=mesh, with_teacher=False)
+  built, target_list = _built(config, parallel.create_mesh(jax.devices()[:1]))
+  built.refresh(built.state, target_list, 3, with_teacher=False)
   assert calls == [{"view": "test", "batch_size": 32, "epoch": 3}]
 
 

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 from configs import demo_source
-from eercl_jax import checkpoints, logs, optim, parallel, train_source
-from eercl_jax.data import lists
-from eercl_jax.data import pipelines
+from eercl_jax import checkpoints, logs, parallel, train_source
+from eercl_jax.data import pipelines, run_lists
 from eercl_jax.models import eercl
-from tests.conftest import REPO, tiny
+from tests.conftest import REPO
 
 
 def _config(**overrides):
-  c = tiny(demo_source.get_config())
+  c = demo_source.get_config("runlocal")
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
   for k, v in overrides.items():
     setattr(c, k, v)
@@ -26,15 +25,12 @@ def _config(**overrides):
 
 
 def _run_steps(config, devices, batches):
-  model = eercl.create_model(config.model)
-  tx = optim.for_model(config)
   mesh = parallel.create_mesh(devices)
-  state = parallel.replicate(train_source.create_state(config, model, tx, jax.random.PRNGKey(0)),
-                             mesh)
-  step = train_source.compile_train_step(config, model, tx, mesh)
+  built = train_source.build(config, mesh)
+  state = built.state
   out = []
   for b in batches:
-    state, metrics = step(state, parallel.shard_batch(b, mesh))
+    state, metrics = built.step(state, parallel.shard_batch(b, mesh))
     out.append(logs.to_host_scalars(metrics))
   return jax.device_get(state), out
 
@@ -42,7 +38,7 @@ def _run_steps(config, devices, batches):
 def test_step_on_one_and_eight_devices_agree(data_dir, monkeypatch):
   monkeypatch.chdir(data_dir)
   config = _config()
-  train_list, _ = lists.read_run_lists(config.data)
+  train_list, _ = run_lists.read_run_lists(config.data)
   it = iter(pipelines.train_dataset(train_list, views=("weak",),
                                     view_cfg=pipelines.view_config(config.data),
                                     global_batch=config.batch_size, seed=0))
@@ -74,8 +70,8 @@ def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
   assert res["last_step"] == 4 and res["best_step"] in (2, 4)
   cm = np.asarray(json.load(open(tmp_path / "split" / "logs" /
                                  f"confusion_{res['best_step']:06d}.json"))["source"])
-  assert res["lists"]["source"]["best"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
-  assert res["lists"]["source"]["last"]["acc"] == pytest.approx(resumed["final"]["source"])
+  assert res["lists"]["source"]["best"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+  assert res["lists"]["source"]["last"]["accuracy"] == pytest.approx(resumed["final"]["source"])
 
   def params_of(workdir):
     ckpt = checkpoints.RunCheckpoints(str(workdir))
@@ -94,17 +90,10 @@ def _cli(args, cwd):
                         capture_output=True, text=True, timeout=600)
 
 
-TINY_FLAGS = ["--config.data.synthetic.image_size=32", "--config.data.synthetic.train_per_class=24",
-              "--config.data.synthetic.test_per_class=8",
-              "--config.data.synthetic.target_per_class=16", "--config.data.resize=36",
-              "--config.data.crop=32", "--config.model.bottleneck_dim=32", "--config.model.width=32",
-              "--config.model.feat_dim=16", "--config.batch_size=32", "--config.bn_group_size=16",
-              "--config.eval_batch_size=64"]
-
 
 def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
   workdir = tmp_path / "run"
-  proc = _cli([f"--config={REPO}/configs/demo_source.py", f"--workdir={workdir}", *TINY_FLAGS,
+  proc = _cli([f"--config={REPO}/configs/demo_source.py:runlocal", f"--workdir={workdir}",
                "--config.num_steps=6", "--config.log_every=2", "--config.eval_every=3",
                "--config.checkpoint_every=3"], cwd=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,7 +101,7 @@ def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
   assert "[source] final: target accuracy " in proc.stdout
   assert "; source test accuracy " in proc.stdout and "(mean class " in proc.stdout
   results = json.load(open(workdir / "results.json"))
-  assert results["config_file"] == f"{REPO}/configs/demo_source.py"
+  assert results["config_file"] == f"{REPO}/configs/demo_source.py:runlocal"
   assert json.load(open(workdir / "config.json"))["num_steps"] == 6
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert os.listdir(workdir / "best")
@@ -135,7 +124,7 @@ def test_cli_rejects_a_misspelt_key(data_dir, tmp_path):
 
 
 def test_init_from_loads_a_local_backbone_into_the_source_state(tmp_path):
-  """config.model.init_from goes through the same create_state the loop uses."""
+  """config.model.init_from goes through the same build the loop uses."""
   from eercl_jax.weights import convert  # pylint: disable=import-outside-toplevel
   config = _config()
   model = eercl.create_model(config.model)
@@ -143,8 +132,8 @@ def test_init_from_loads_a_local_backbone_into_the_source_state(tmp_path):
   path = str(tmp_path / "backbone.npz")
   convert.export_backbone_npz(donor, config.model, path)
   config.model.init_from = path
-  tx = optim.for_model(config)
-  state = train_source.create_state(config, model, tx, jax.random.PRNGKey(0))
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  state = train_source.build(config, mesh).state
   jax.tree_util.tree_map(np.testing.assert_array_equal, donor["params"]["backbone"],
                          state.params["backbone"])
   # The head is newly initialised, not copied.
@@ -152,7 +141,7 @@ def test_init_from_loads_a_local_backbone_into_the_source_state(tmp_path):
                          state.params["sfda_bottleneck"]["kernel"])
   config.model.init_from = str(tmp_path / "missing.npz")
   with pytest.raises((FileNotFoundError, ValueError), match="missing.npz"):
-    train_source.create_state(config, model, tx, jax.random.PRNGKey(0))
+    train_source.build(config, mesh)
 
 
 def test_per_device_batch_size_scales_with_devices():

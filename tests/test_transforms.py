@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
 
-from eercl_jax.data import lists, transforms as T
+from eercl_jax.data import images, lists, transforms as T
+from eercl_jax.errors import DataError
 
 
 def _img(h=40, w=56, seed=0):
@@ -24,14 +25,14 @@ def _rng(seed=0):
 def test_load_image_always_rgb(tmp_path, mode):
   path = str(tmp_path / f"x_{mode}.{'jpg' if mode in ('L', 'RGB', 'CMYK') else 'png'}")
   Image.new(mode, (9, 7)).save(path)
-  img = T.load_image(path)
+  img = images.load_image(path)
   assert img.shape == (7, 9, 3) and img.dtype == np.uint8
 
 
 def test_load_grey_replicates_channels(tmp_path):
   path = str(tmp_path / "g.png")
   Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, "L").save(path)
-  img = T.load_image(path)
+  img = images.load_image(path)
   np.testing.assert_array_equal(img[..., 0], img[..., 1])
   np.testing.assert_array_equal(img[..., 0], img[..., 2])
 
@@ -39,8 +40,8 @@ def test_load_grey_replicates_channels(tmp_path):
 def test_load_image_errors_name_the_file(tmp_path):
   path = tmp_path / "broken.jpg"
   path.write_bytes(b"nope")
-  with pytest.raises(lists.DataError, match="broken.jpg"):
-    T.load_image(str(path))
+  with pytest.raises(DataError, match="broken.jpg"):
+    images.load_image(str(path))
 
 
 # ------------------------------------------------------------------------------ views
@@ -78,7 +79,7 @@ def test_random_resized_crop_fallback_is_central():
   img = _img(4, 40)
   out = T.random_resized_crop(img, _rng(0), size=4, scale=(0.99, 1.0))
   # Fallback: aspect 10 > 4/3 -> height 4, width round(4 * 4/3) = 5, centred at x = 17.
-  np.testing.assert_array_equal(out, T._resize(img[:, 17:22], 4, 4))
+  np.testing.assert_array_equal(out, T.resize_bilinear(img[:, 17:22], 4, 4))
 
 
 def test_cutout_box():
@@ -101,10 +102,13 @@ def test_cutout_box():
 
 def test_normalize_numpy_and_jax():
   import jax.numpy as jnp
+  from eercl_jax import config_defaults
+  from eercl_jax.data import pipelines
+  mean, std = config_defaults.IMAGENET_MEAN, config_defaults.IMAGENET_STD
   x = np.full((2, 2, 3), 255, np.uint8)
-  expected = (255 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD)
+  expected = (255 - np.array(mean)) / np.array(std)
   for arr in (x, jnp.asarray(x)):
-    y = T.normalize(arr, T.IMAGENET_MEAN, T.IMAGENET_STD)
+    y = pipelines.Normalization(mean, std)(arr)
     assert y.dtype == np.float32 and y.shape == x.shape
     np.testing.assert_allclose(np.asarray(y)[0, 0], expected, rtol=1e-6)
 
@@ -411,7 +415,7 @@ def test_weak_view_offsets_cover_0_to_resize_minus_crop_and_flip_is_fair():
 
 def test_random_resized_crop_offsets_reach_every_border(monkeypatch):
   # Skip the final resize, so the output is the crop box itself and its first pixel its offset.
-  monkeypatch.setattr(T, "_resize", lambda img, height, width: img)
+  monkeypatch.setattr(T, "resize_bilinear", lambda img, height, width: img)
   height, width = 16, 24
   img = _coordinate_image(height, width)
   at_start, at_end, spans = np.zeros(2, int), np.zeros(2, int), []

@@ -52,4 +52,4 @@ def resolve(num_workers: int | None, prefetch: int | None,
 
 def from_config(data_config) -> tuple[int, int]:
   """(workers, prefetch) of a `config.data`."""
-  return resolve(data_config.get("num_workers"), data_config.get("prefetch"))
+  return resolve(data_config.num_workers, data_config.prefetch)

@@ -7,7 +7,6 @@ as a shape error or a silently wrong accuracy.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import re
@@ -16,12 +15,10 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
-CHECK_MODES = ("decode", "exists", "none")
+from eercl_jax.data import images
+from eercl_jax.errors import DataError
+
 _MAX_NAMED_SKIPS = 5  # how many skipped images the warning names before it only counts
-
-
-class DataError(ValueError):
-  """A list or image problem; the message names the list file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,32 +37,6 @@ class FerList:
     return len(self.paths)
 
 
-def _image_problem(path: str, check_images: str) -> str | None:
-  """Why `path` cannot be used as an image, or None if it can (as far as `check_images` looks).
-  'decode' decodes the whole image with the training loader (PIL's verify() does not read the
-  scan data, so a truncated JPEG would pass it and fail mid-run)."""
-  if check_images == "none":
-    return None
-  if not os.path.isfile(path):
-    return "missing image"
-  if check_images == "decode":
-    from eercl_jax.data import transforms  # pylint: disable=import-outside-toplevel
-    try:
-      transforms.load_image(path)
-    except Exception as e:  # pylint: disable=broad-except  (any decode failure: unusable)
-      cause = e.__cause__ or e
-      return f"unreadable image ({type(cause).__name__}: {cause})"
-  return None
-
-
-def _check_images(paths: Sequence[str], check_images: str) -> list[str | None]:
-  """`_image_problem` of every path; decoding runs on threads (Pillow releases the GIL)."""
-  if check_images != "decode" or len(paths) < 64:
-    return [_image_problem(p, check_images) for p in paths]
-  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-    return list(pool.map(lambda p: _image_problem(p, check_images), paths, chunksize=32))
-
-
 _LABEL = re.compile(r"[0-9]+")
 
 
@@ -80,8 +51,8 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
   would be its own nearest neighbour in the adaptation banks). Missing or undecodable images
   are errors unless `skip_bad_images`, in which case they are dropped, counted and logged.
   """
-  if check_images not in CHECK_MODES:
-    raise ValueError(f"check_images must be one of {CHECK_MODES}, got {check_images!r}")
+  if check_images not in images.CHECK_MODES:
+    raise ValueError(f"check_images must be one of {images.CHECK_MODES}, got {check_images!r}")
   class_names = tuple(class_names)
   list_path = os.path.abspath(list_path)
   image_root = os.path.abspath(image_root)
@@ -116,7 +87,7 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
                       "config.data.allow_outside_root=True to allow it)")
     entries.append((path, label, line_no, where))
 
-  problems = _check_images([e[0] for e in entries], check_images)
+  problems = images.check_images([e[0] for e in entries], check_images)
   paths, labels, lines = [], [], []
   for (path, label, line_no, where), problem in zip(entries, problems):
     if problem is not None:
@@ -154,40 +125,3 @@ def read_list(list_path: str, image_root: str, class_names: Sequence[str], *,
 def count_per_class(fer_list: FerList) -> np.ndarray:
   """Number of entries of each class, int64 (C,)."""
   return np.bincount(fer_list.labels, minlength=len(fer_list.class_names))
-
-
-def read_run_lists(data_config) -> tuple[FerList, dict[str, FerList]]:
-  """The training list and the evaluation lists of a run's `config.data`, each validated (with
-  its images) before any training starts. Generates the built-in synthetic set first if the
-  config asks for it (one writer; the other processes wait)."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from jax.experimental import multihost_utils
-  from eercl_jax.data import synthetic
-  d = data_config
-  if d.synthetic.enabled:
-    params = {k: v for k, v in d.synthetic.items() if k not in ("enabled", "root")}
-    if jax.process_index() == 0:
-      synthetic.ensure_generated(d.synthetic.root, **params)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("synthetic data generated")
-  packed_format = d.get("format", "folder") == "packed"
-  # Packed lists: the packed sets hold the pixels (checked against each list below), so the
-  # image files are not looked at.
-  check_images = "none" if packed_format else d.check_images
-
-  def read(path):
-    fl = read_list(path, d.image_root, tuple(d.class_names), check_images=check_images,
-                   skip_bad_images=d.skip_bad_images,
-                   allow_outside_root=d.get("allow_outside_root", False))
-    if packed_format:
-      from eercl_jax.data import packed
-      fl = packed.attach(fl, d.packed_root, d.resize)
-    return fl
-
-  train = read(d.train_list)
-  evals = {name: read(path) for name, path in d.eval_lists.items()}
-  for name, fl in [("train", train), *evals.items()]:
-    logging.info("list %s: %s (%d images, %d skipped)%s", name, fl.list_path, len(fl),
-                 fl.num_skipped, f", packed in {fl.packed_dir}" if fl.packed_dir else "")
-  return train, evals

@@ -19,12 +19,12 @@ import functools
 import sys
 from typing import Iterator, Sequence
 
-from absl import flags
 import grain
 import numpy as np
 
-from eercl_jax.data import host, packed, transforms
+from eercl_jax.data import host, images, packed, transforms
 from eercl_jax.data.lists import FerList
+from eercl_jax.errors import DataError
 
 VIEWS = ("weak", "strong", "test")
 # Leading words of the seed-sequence entropy, so the permutation and the per-example streams can
@@ -43,13 +43,24 @@ def view_config(data_config) -> ViewConfig:
   return ViewConfig(resize=data_config.resize, crop=data_config.crop)
 
 
-def normalize(images, data_config):
-  """uint8 NHWC -> float32, mean/std on the 0..255 scale as the original. Runs on the device,
-  inside the jitted steps, so the host ships uint8 (4x less to transfer)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  mean = jnp.asarray(data_config.mean, jnp.float32)
-  std = jnp.asarray(data_config.std, jnp.float32)
-  return (images.astype(jnp.float32) - mean) / std
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """uint8 NHWC -> float32, (x - mean) / std on the 0..255 scale as the original. Called on the
+  device inside the jitted steps, so the host ships uint8 (4x less to transfer). Hashable: a jit
+  may take it as a static argument."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  @classmethod
+  def from_config(cls, data_config) -> "Normalization":
+    return cls(tuple(float(v) for v in data_config.mean),
+               tuple(float(v) for v in data_config.std))
+
+  def __call__(self, images):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
 
 
 # ----------------------------------------------------------------------- small pure helpers
@@ -133,11 +144,11 @@ class _Example:
       elif self.fer_list.packed_dir:
         img = packed.read_image(self.fer_list.packed_dir, index)
       else:
-        img = transforms.load_image(self.fer_list.paths[index])
-    except transforms.DataError as e:
+        img = images.load_image(self.fer_list.paths[index])
+    except DataError as e:
       # Passed the start-up check but fails now (changed on disk, or the check was off): name
       # the list and line, which the image path alone does not give.
-      raise transforms.DataError(
+      raise DataError(
           f"{self.fer_list.list_path}:{int(self.fer_list.lines[index])}: {e}") from e
     rngs = view_rngs(self.seed, epoch, index, len(self.views))
     example = {key: make_view(view, img, rng, self.view_cfg)
@@ -168,7 +179,7 @@ class _TrainLocator:
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvalLocator:
+class EvalLocator:
   """k-th example of this process's share of the list -> (epoch, list index, valid).
   Padding rows repeat the last image (same index, hence same augmentation) with valid=False."""
   num_examples: int
@@ -204,10 +215,8 @@ class _BatchIterator(grain.DatasetIterator):
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._prefetch,
                                               prefetch_buffer_size=self._prefetch))
     if self._num_workers > 0:
-      # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
-      # are unparsed and reading them raises, so fall back to the flags' defaults there.
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+      # grain reads its absl flags when it starts workers: outside an absl program they must
+      # be marked parsed first (tools/cli.grain_workers_ready; tests: conftest).
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     return iter(it)
 
@@ -295,8 +304,43 @@ def eval_batches(fer_list: FerList, *, view: str, view_cfg: ViewConfig, batch_si
     raise ValueError(f"eval view must be 'test' or 'weak', got {view!r}")
   first_row, rows = process_rows(batch_size, process_index, process_count)
   num_batches = -(-len(fer_list) // batch_size)
-  locate = _EvalLocator(len(fer_list), batch_size, first_row, rows, epoch)
+  locate = EvalLocator(len(fer_list), batch_size, first_row, rows, epoch)
   ds = (grain.MapDataset.range(num_batches * rows)
         .map(locate)
         .map(_Example(fer_list, (view,), view_cfg, seed, with_valid=True, images=images)))
   return iter(_finish(ds, rows, num_workers, prefetch))
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+  """How this process reads a run's lists, from `config.data` once: the views' sizes, the grain
+  worker processes and prefetch depth (None: follow the host's cores), and this process's share
+  of every global batch. The stages, the evaluator and the refresh read every list through it."""
+  view_cfg: ViewConfig
+  num_workers: int | None = 0
+  prefetch: int | None = 2
+  process_index: int = 0
+  process_count: int = 1
+
+  @classmethod
+  def from_config(cls, data_config) -> "Loader":
+    import jax  # pylint: disable=import-outside-toplevel
+    return cls(view_config(data_config), data_config.num_workers, data_config.prefetch,
+               jax.process_index(), jax.process_count())
+
+  def train(self, fer_list: FerList, views: Sequence[str], global_batch: int,
+            seed: int) -> grain.DatasetIterator:
+    """An iterator over `train_dataset` (state: get_state/set_state)."""
+    return iter(train_dataset(fer_list, views=views, view_cfg=self.view_cfg,
+                              global_batch=global_batch, seed=seed,
+                              process_index=self.process_index, process_count=self.process_count,
+                              num_workers=self.num_workers, prefetch=self.prefetch))
+
+  def eval(self, fer_list: FerList, view: str, batch_size: int, seed: int = 0, epoch: int = 0,
+           images=None) -> Iterator[dict]:
+    """`eval_batches` of the list (resident `images`: read in-process, no workers)."""
+    return eval_batches(fer_list, view=view, view_cfg=self.view_cfg, batch_size=batch_size,
+                        seed=seed, epoch=epoch, process_index=self.process_index,
+                        process_count=self.process_count,
+                        num_workers=0 if images is not None else self.num_workers,
+                        prefetch=self.prefetch, images=images)

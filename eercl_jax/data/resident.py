@@ -93,18 +93,16 @@ class _Rows:
 class Resident:
   """A packed list's resized pixels in host RAM or device memory, and the refresh's batches."""
 
-  def __init__(self, fer_list: FerList, config, mesh, memory: Optional[str] = None,
-               device_view: Optional[bool] = None):
+  def __init__(self, fer_list: FerList, mesh, loader: pipelines.Loader, *, memory: str = "host",
+               device_view: bool = False):
     if not fer_list.packed_dir:
       raise ValueError(f"{fer_list.list_path}: a resident list needs its packed set "
                        "(config.data.format='packed')")
-    a = config.adapt
-    self.memory = a.refresh_memory if memory is None else memory
-    self.device_view = a.refresh_device_view if device_view is None else device_view
-    if self.memory not in ("host", "device"):
-      raise ValueError(f"memory must be 'host' or 'device', got {self.memory!r}")
-    self.fer_list, self.config, self.mesh = fer_list, config, mesh
-    self.resize, self.crop = config.data.resize, config.data.crop
+    if memory not in ("host", "device"):
+      raise ValueError(f"memory must be 'host' or 'device', got {memory!r}")
+    self.fer_list, self.mesh, self.loader = fer_list, mesh, loader
+    self.memory, self.device_view = memory, device_view
+    self.resize, self.crop = loader.view_cfg.resize, loader.view_cfg.crop
     start = time.perf_counter()
     self.pixels = packed.load_resized(fer_list.packed_dir, self.resize)
     self.device_pixels = None
@@ -126,18 +124,15 @@ class Resident:
     """This process's rows of each global refresh batch (keys as `pipelines.eval_batches`:
     image, label, index, valid; with the device view 'image' is the resized image, or absent
     when the pixels are on the device)."""
-    view_cfg = pipelines.view_config(self.config.data)
     if not self.device_view:
       # In-process (no worker would receive an 18 GB array): no decode, no resize left.
-      yield from pipelines.eval_batches(
-          self.fer_list, view=view, view_cfg=view_cfg, batch_size=batch_size, seed=seed,
-          epoch=epoch, process_index=jax.process_index(), process_count=jax.process_count(),
-          num_workers=0, images=_Rows(self.pixels))
+      yield from self.loader.eval(self.fer_list, view, batch_size, seed=seed, epoch=epoch,
+                                  images=_Rows(self.pixels))
       return
     n = len(self.fer_list)
-    first_row, rows = pipelines.process_rows(batch_size, jax.process_index(),
-                                             jax.process_count())
-    locate = pipelines._EvalLocator(n, batch_size, first_row, rows, epoch)  # pylint: disable=protected-access
+    first_row, rows = pipelines.process_rows(batch_size, self.loader.process_index,
+                                             self.loader.process_count)
+    locate = pipelines.EvalLocator(n, batch_size, first_row, rows, epoch)
     for step in range(-(-n // batch_size)):
       located = [locate(step * rows + r) for r in range(rows)]
       index = np.array([i for _, i, _ in located], np.int32)
@@ -157,8 +152,10 @@ class Resident:
     return _view_of_rows(batch["image"], batch["index"], epoch, **kw)
 
 
-def for_refresh(fer_list: FerList, config, mesh) -> Optional[Resident]:
-  """The refresh's resident list, or None where the refresh reads through the pipeline."""
-  if config.data.get("format", "folder") != "packed" or config.adapt.refresh_memory == "none":
+def for_refresh(fer_list: FerList, mesh, loader: pipelines.Loader, *, data_format: str,
+                memory: str, device_view: bool) -> Optional[Resident]:
+  """The refresh's resident list (`config.adapt.refresh_memory` 'host'/'device' with packed
+  data), or None where the refresh reads through the input pipeline."""
+  if data_format != "packed" or memory == "none":
     return None
-  return Resident(fer_list, config, mesh)
+  return Resident(fer_list, mesh, loader, memory=memory, device_view=device_view)

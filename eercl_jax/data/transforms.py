@@ -17,49 +17,13 @@ from typing import Callable, Optional
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from eercl_jax.data.lists import DataError
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0..255 scale (the original's Normalize)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 FILL = 128  # mmcls pad value for geometric ops and Cutout
 
 
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-  """(x - mean) / std over the last axis, float32; works on numpy and jax arrays alike."""
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  return (x.astype(np.float32) - mean) / std
-
-
-# Pillow's modes of 16-bit (and 32-bit integer) greyscale images; "I" is how Pillow opens many
-# 16-bit PNGs. Their values are scaled to 8 bits (Pillow's own convert would clip them to 255).
-_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def load_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 (H, W, 3) RGB; grey/RGBA/CMYK/palette become RGB, 16-bit
-  greyscale is scaled to 8 bits (v / 257, rounded), float images are refused."""
-  try:
-    with Image.open(path) as im:
-      # OpenCV's imread (the original's loader) honours the EXIF orientation; Pillow does not.
-      im = ImageOps.exif_transpose(im)
-      if im.mode in _WIDE_INT_MODES:
-        wide = np.asarray(im).astype(np.float64)
-        if wide.min() < 0 or wide.max() > 65535:
-          raise ValueError(f"{im.mode} image with values outside 0..65535")
-        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-      if im.mode == "F":
-        raise ValueError("floating-point image: its value range is unknown, convert it to 8 or "
-                         "16 bits")
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except Exception as e:
-    raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Pillow bilinear resize to (height, width), the original's backend; a no-op at that size."""
   if img.shape[:2] == (height, width):
     return img
   return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
@@ -75,14 +39,14 @@ def _hflip(img: np.ndarray, rng: np.random.Generator, prob: float = 0.5) -> np.n
 def weak_view(img: np.ndarray, rng: np.random.Generator, resize: int = 256,
               crop: int = 224) -> np.ndarray:
   """Square resize -> horizontal flip (p=0.5) -> random crop (uniform offset, no padding)."""
-  img = _hflip(_resize(img, resize, resize), rng)
+  img = _hflip(resize_bilinear(img, resize, resize), rng)
   y, x = rng.integers(0, resize - crop + 1, size=2)
   return np.ascontiguousarray(img[y:y + crop, x:x + crop])
 
 
 def test_view(img: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
   """Square resize -> centre crop."""
-  img = _resize(img, resize, resize)
+  img = resize_bilinear(img, resize, resize)
   o = (resize - crop) // 2
   return np.ascontiguousarray(img[o:o + crop, o:o + crop])
 
@@ -119,7 +83,7 @@ def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int,
     else:
       w, h = width, height
     y, x = (height - h) // 2, (width - w) // 2
-  return _resize(np.ascontiguousarray(img[y:y + h, x:x + w]), size, size)
+  return resize_bilinear(np.ascontiguousarray(img[y:y + h, x:x + w]), size, size)
 
 
 def cutout(img: np.ndarray, rng: np.random.Generator, size: int = 16, prob: float = 0.5,

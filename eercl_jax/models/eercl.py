@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eercl_jax.errors import ConfigError
 from eercl_jax.models import registry
 from eercl_jax.models.layers import GroupedBatchNorm, WeightNormDense
 
@@ -98,16 +99,19 @@ def class_directions(params) -> jax.Array:
 
 
 def create_model(model_config) -> EERCLModel:
-  """EERCLModel from a `config.model` ConfigDict (see config_defaults)."""
+  """EERCLModel from a `config.model` ConfigDict (see config_defaults); the one check of the
+  model fields (`config_defaults.validate` calls it): an unknown backbone, size or dtype is a
+  ConfigError naming the key."""
   if model_config.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r}: expected one of "
-                     f"{sorted(DTYPES)}")
-  entry = registry.get(model_config.backbone)
-  size = registry.size_of(model_config)
+    raise ConfigError(f"config.model.dtype: {model_config.dtype!r}: expected one of "
+                      f"{sorted(DTYPES)}")
   try:
+    entry = registry.get(model_config.backbone)
+    size = registry.size_of(model_config)
     entry.parse_size(size)
   except ValueError as e:
-    raise ValueError(f"config.model.size: {e}") from None
+    key = "backbone" if "backbone" in str(e) else "size"
+    raise ConfigError(str(e) if key == "backbone" else f"config.model.size: {e}") from None
   return EERCLModel(
       backbone=model_config.backbone,
       size=size,
@@ -117,7 +121,7 @@ def create_model(model_config) -> EERCLModel:
       feat_dim=model_config.feat_dim,
       dropout=model_config.dropout,
       dtype=DTYPES[model_config.dtype],
-      remat=bool(model_config.get("remat", False)))
+      remat=bool(model_config.remat))
 
 
 def init_variables(model: EERCLModel, rng: jax.Array, image_size, batch: int = 2) -> dict:

@@ -90,7 +90,7 @@ def get(name: str) -> Backbone:
 
 def size_of(model_config) -> str:
   """The named size a `config.model` asks for (None = the backbone's default)."""
-  size = model_config.get("size")
+  size = model_config.size
   return get(model_config.backbone).default_size if size is None else size
 
 

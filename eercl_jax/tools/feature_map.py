@@ -1,217 +1,54 @@
-"""A 2-D map (t-SNE) of the features of the source-only and the adapted model, to a PNG.
+"""A 2-D map (t-SNE) of the features of the source-only and the adapted model, to a PNG (the
+library: eercl_jax/feature_map.py, whose docstring says what is drawn).
 
   python -m eercl_jax.tools.feature_map runs/raf2expw feature_map.png [--source_run=RUN]
       [--which=best|latest] [--lists=target,source] [--max_per_list=500] [--perplexity=30]
-
-ADAPT_RUN is an adaptation run's workdir (its best/ checkpoint unless --which=latest) or a
-checkpoint folder. The source-only model is the source run the adaptation started from (its
-recorded `source_checkpoint`, best/), or --source_run. The images are the run's own evaluation
-lists (`config.data.eval_lists`: by default the target and the source test list), seen through
-the test view, at most --max_per_list of each (a fixed random subset). Two panels - source-only,
-adapted - each its own t-SNE of the L2-normalised features f (the BN output that feeds the
-classifier, the banks and the clustering); colour = true class, marker = list (domain). Paths in
-the stored config resolve against the current folder, as in the run.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
+import argparse
+import sys
 from typing import Sequence
 
-import jax
-import ml_collections
-import numpy as np
-from absl import app, flags, logging
-
-from eercl_jax import checkpoints, logs, parallel, train_adapt
-from eercl_jax.data import lists, pipelines
-from eercl_jax.models import eercl
-
-MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
+from eercl_jax.tools import cli
 
 
-@dataclasses.dataclass
-class Embedded:
-  """Features of one model on the subsampled lists."""
-  name: str             # panel title
-  step: int
-  features: np.ndarray  # (N, D) float32, L2-normalised
-  predictions: np.ndarray   # (N,) argmax class
-
-
-def subsample(fer_list: lists.FerList, max_items: int, seed: int) -> lists.FerList:
-  """At most `max_items` entries of the list, a fixed random subset in list order."""
-  n = len(fer_list)
-  if max_items <= 0 or n <= max_items:
-    return fer_list
-  keep = np.sort(np.random.default_rng(seed).choice(n, max_items, replace=False))
-  return dataclasses.replace(fer_list, paths=tuple(fer_list.paths[i] for i in keep),
-                             labels=fer_list.labels[keep], lines=fer_list.lines[keep])
-
-
-def embed(apply, variables, fer_list: lists.FerList, data_config, batch_size: int,
-          mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(L2-normalised features (N, D), argmax predictions (N,)) of every image of the list in list
-  order, with the evaluation's test view, batching and sharding. `apply` is the adaptation's
-  bank-refresh embedding (eval mode: L2-normalised f, class probabilities), so the map shows
-  the features the banks and the clustering see."""
-  n = len(fer_list)
-  feats, preds = None, np.zeros((n,), np.int64)
-  batches = pipelines.eval_batches(fer_list, view="test",
-                                   view_cfg=pipelines.view_config(data_config),
-                                   batch_size=batch_size,
-                                   num_workers=int(data_config.get("num_workers", 0)))
-  for host in logs.tty_progress(batches, -(-n // batch_size), f"features {fer_list.list_path}"):
-    f, p = jax.device_get(apply(variables["params"], variables["batch_stats"],
-                                parallel.shard_batch(host, mesh)["image"]))
-    p = np.argmax(p, -1)
-    valid, index = np.asarray(host["valid"]), np.asarray(host["index"])
-    if feats is None:
-      feats = np.zeros((n, f.shape[-1]), np.float32)
-    feats[index[valid]] = f[valid]
-    preds[index[valid]] = p[valid]
-  return feats, preds
-
-
-def tsne(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-  """(N, 2) t-SNE coordinates (scikit-learn, Barnes-Hut); the perplexity is capped for small N.
-  Run on one OpenMP thread: a few seconds for a thousand points, and on a busy machine the
-  multithreaded gradient spins for minutes."""
-  # pylint: disable=import-outside-toplevel
-  from sklearn.manifold import TSNE
-  from threadpoolctl import threadpool_limits
-  n = len(features)
-  if n < 4:
-    raise ValueError(f"a t-SNE map needs at least 4 images, got {n}")
-  perplexity = float(min(perplexity, (n - 1) / 3))
-  with threadpool_limits(limits=1):
-    return TSNE(n_components=2, perplexity=perplexity, init="pca",
-                random_state=seed).fit_transform(features.astype(np.float64))
-
-
-def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: np.ndarray,
-         class_names: Sequence[str], domain_names: Sequence[str], out_path: str) -> str:
-  """One scatter panel per (title, (N, 2) coordinates): colour = class, marker = domain."""
-  # pylint: disable=import-outside-toplevel
-  import matplotlib
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.lines import Line2D
-
-  colours = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
-  fig = Figure(figsize=(6.0 * len(panels) + 1.6, 6.0), dpi=120)
-  FigureCanvasAgg(fig)
-  axes = fig.subplots(1, len(panels), squeeze=False)[0]
-  for ax, (title, xy) in zip(axes, panels):
-    for d, _ in enumerate(domain_names):
-      for c, _ in enumerate(class_names):
-        sel = (domains == d) & (labels == c)
-        if sel.any():
-          ax.scatter(xy[sel, 0], xy[sel, 1], s=14, marker=MARKERS[d % len(MARKERS)],
-                     color=colours(c), alpha=0.75, linewidths=0)
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  handles = [Line2D([], [], linestyle="", marker="o", color=colours(c), label=name)
-             for c, name in enumerate(class_names)]
-  handles += [Line2D([], [], linestyle="", marker=MARKERS[d % len(MARKERS)], color="0.3",
-                     label=f"list: {name}") for d, name in enumerate(domain_names)]
-  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  fig.savefig(out_path, format="png")
-  return out_path
-
-
-def _restore(directory: str, model_config, crop: int, sharding) -> tuple[dict, int, dict]:
-  step, meta = checkpoints.read_meta(directory)
-  model = eercl.create_model(model_config)
-  variables, step = checkpoints.restore_variables(directory, model, crop, sharding, step=step)
-  return variables, step, meta
-
-
-def feature_map(adapt_run: str, out_path: str, *, source_run: str | None = None,
-                which: str = "best", list_names: Sequence[str] | None = None,
-                max_per_list: int = 500, perplexity: float = 30.0, seed: int = 0,
-                batch_size: int = 128) -> dict:
-  """Draws the map; returns {'path', 'counts' (per list), 'accuracy' {model: {list: acc}}}."""
-  adapt_dir = checkpoints.resolve_run_dir(adapt_run, which, what="ADAPT_RUN")
-  _, meta = checkpoints.read_meta(adapt_dir)
-  if meta.get("stage") != "adapt":
-    raise ValueError(f"ADAPT_RUN: {adapt_dir} holds a checkpoint of a {meta.get('stage')!r} "
-                     "run; name an adaptation run's workdir (the source-only model is found "
-                     "from it, or give --source_run)")
-  config = ml_collections.ConfigDict(meta["config"])
-  config.data.class_names = tuple(config.data.class_names)
-  class_names = tuple(meta["class_names"])
-  source_run = source_run or config.get("source_checkpoint")
-  source_dir = checkpoints.resolve_run_dir(source_run, "best", what="--source_run")
-  _, source_meta = checkpoints.read_meta(source_dir)
-  checkpoints.check_model_meta(source_meta, config, source_dir)
-
-  eval_lists = dict(config.data.eval_lists)
-  names = list(list_names or eval_lists)
-  unknown = [n for n in names if n not in eval_lists]
-  if unknown:
-    raise ValueError(f"--lists: {unknown} not among the run's evaluation lists "
-                     f"{sorted(eval_lists)}")
-  d = config.data
-  chosen = []
-  for i, name in enumerate(names):
-    fl = lists.read_list(eval_lists[name], d.image_root, class_names, check_images="exists",
-                         skip_bad_images=d.get("skip_bad_images", False),
-                         allow_outside_root=d.get("allow_outside_root", False))
-    chosen.append((name, subsample(fl, max_per_list, seed + i)))
-
-  mesh = parallel.create_mesh()
-  devices = mesh.devices.size
-  batch_size = -(-batch_size // devices) * devices
-  rep = parallel.replicated(mesh)
-  model = eercl.create_model(config.model)
-  apply = train_adapt._make_embed(model, config)  # pylint: disable=protected-access
-  labels = np.concatenate([fl.labels for _, fl in chosen]).astype(np.int64)
-  domains = np.concatenate([np.full(len(fl), i) for i, (_, fl) in enumerate(chosen)])
-  panels, accuracy = [], {}
-  for title, directory in (("source-only", source_dir), ("adapted", adapt_dir)):
-    variables, step, _ = _restore(directory, config.model, d.crop, rep)
-    feats, preds = zip(*(embed(apply, variables, fl, d, batch_size, mesh) for _, fl in chosen))
-    feats, preds = np.concatenate(feats), np.concatenate(preds)
-    accuracy[title] = {name: float(np.mean(preds[domains == i] == labels[domains == i]))
-                       for i, (name, _) in enumerate(chosen)}
-    shown = ", ".join(f"{k} {v * 100:.1f}%" for k, v in accuracy[title].items())
-    logging.info("%s (step %d) accuracy on the subsample: %s", title, step, shown)
-    panels.append((f"{title} (step {step}): {shown}", tsne(feats, perplexity, seed)))
-  draw(panels, labels, domains, class_names, names, out_path)
-  return {"path": out_path, "counts": {n: len(fl) for n, fl in chosen}, "accuracy": accuracy}
-
-
-def main(argv):
-  if len(argv) != 3:
-    raise app.UsageError("usage: python -m eercl_jax.tools.feature_map ADAPT_RUN OUT.png "
-                         "[--source_run=RUN] [--which=best|latest] [--lists=a,b] "
-                         "[--max_per_list=N] [--perplexity=P]")
-  f = flags.FLAGS
-  out = feature_map(argv[1], argv[2], source_run=f.source_run or None, which=f.which,
-                    list_names=f.lists or None, max_per_list=f.max_per_list,
-                    perplexity=f.perplexity, seed=f.seed, batch_size=f.batch_size)
+@cli.command
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m eercl_jax.tools.feature_map",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("adapt_run", metavar="ADAPT_RUN",
+                      help="an adaptation run's workdir or checkpoint folder")
+  parser.add_argument("out", metavar="OUT.png")
+  parser.add_argument("--source_run", default=None, help="the source-only model's run (default: "
+                      "the adaptation's recorded source_checkpoint)")
+  parser.add_argument("--which", choices=("best", "latest"), default="best",
+                      help="checkpoint of ADAPT_RUN to map")
+  parser.add_argument("--lists", default=None,
+                      help="comma-separated evaluation lists of the run to map (default: all)")
+  parser.add_argument("--max_per_list", type=int, default=500,
+                      help="at most this many images of each list (a fixed random subset; 0 = all)")
+  parser.add_argument("--perplexity", type=float, default=30.0,
+                      help="t-SNE perplexity (capped at (N-1)/3)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the subsets and of t-SNE")
+  parser.add_argument("--batch_size", type=int, default=128,
+                      help="images per forward pass (rounded up to a multiple of the devices)")
+  args = parser.parse_args(argv)
+  from eercl_jax import feature_map  # pylint: disable=import-outside-toplevel
+  out = feature_map.feature_map(
+      args.adapt_run, args.out, source_run=args.source_run, which=args.which,
+      list_names=args.lists.split(",") if args.lists else None,
+      max_per_list=args.max_per_list, perplexity=args.perplexity, seed=args.seed,
+      batch_size=args.batch_size)
   counts = ", ".join(f"{k}: {v}" for k, v in out["counts"].items())
   print(f"wrote {out['path']} ({counts} images)", flush=True)
+  return 0
 
 
-def _define_flags():
-  flags.DEFINE_string("source_run", None, "The source-only model's run (default: the "
-                      "adaptation's recorded source_checkpoint).")
-  flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of ADAPT_RUN to map.")
-  flags.DEFINE_list("lists", None, "Evaluation lists of the run to map (default: all).")
-  flags.DEFINE_integer("max_per_list", 500, "At most this many images of each list "
-                       "(a fixed random subset; 0 = all).")
-  flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity (capped at (N-1)/3).")
-  flags.DEFINE_integer("seed", 0, "Seed of the subsets and of t-SNE.")
-  flags.DEFINE_integer("batch_size", 128, "Images per forward pass (rounded up to a multiple "
-                       "of the device count).")
+def run() -> None:
+  sys.exit(main())
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  run()

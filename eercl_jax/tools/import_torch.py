@@ -21,72 +21,38 @@ SSRT's `VT`, timm-compatible names):
     online_network.classifier.0 (Linear), online_network.sfda_bottleneck, online_network.sfda_bn.
   Classifier (`SFDAClassifier` / `vit_sfda_classifier`): online_classifier.fc.{weight_g (C,1),
     weight_v (C,D), bias} (torch.nn.utils.weight_norm, dim=0).
-The mapping itself is `eercl_jax.weights.original` (from each backbone's registry entry).
+The mapping and the import itself are `eercl_jax.weights.original` (from each backbone's
+registry entry).
 """
 from __future__ import annotations
 
-import os
+from absl import app, flags
 
-import jax.numpy as jnp
-from absl import app, flags, logging
-from flax import traverse_util
-
-from eercl_jax import checkpoints
-from eercl_jax.models import eercl
-from eercl_jax.weights import original, readers
-
-
-def convert(src: str, out_dir: str, config, step: int | None = None) -> dict:
-  """Writes OUT_DIR/best/<step> from the original's checkpoint `src`; returns a report."""
-  backbone = config.model.backbone
-  sd, file_step = original.base_model_state_dict(readers.read_checkpoint(src), src)
-  step = file_step if step is None else step
-  step = 0 if step is None else int(step)
-
-  model = eercl.create_model(config.model)
-  flat_shapes = traverse_util.flatten_dict(eercl.variable_shapes(model, config.data.crop))
-  values, conv = original.convert_original(
-      sd, backbone, {p: s.shape for p, s in flat_shapes.items()}, src)
-
-  state = traverse_util.unflatten_dict(
-      {p: jnp.asarray(values[p], flat_shapes[p].dtype) for p in flat_shapes})
-  meta = checkpoints.run_meta(config, step, {
-      "best": {"value": -1.0, "step": step}, "selected_by": "imported",
-      "imported_from": os.path.abspath(src)})
-  ckpt = checkpoints.RunCheckpoints(out_dir)
-  try:
-    ckpt.save(step, {"params": state["params"], "batch_stats": state["batch_stats"]},
-              {"iterator": None}, meta, best=True)
-  finally:
-    ckpt.close()
-  report = {"step": step, "out_dir": os.path.join(out_dir, "best"),
-            "loaded": sorted("/".join(p) for p in values), "resized": conv["resized"],
-            "ignored": conv["ignored"], "teacher_differs": conv["teacher_differs"]}
-  logging.info("imported %s (%s, %d arrays, step %d) into %s", src, backbone, len(values), step,
-               report["out_dir"])
-  return report
+from eercl_jax.tools import cli
 
 
 def main(argv):
   if len(argv) != 3:
     raise app.UsageError("usage: python -m eercl_jax.tools.import_torch SRC.pth OUT_DIR "
                          "--config=configs/X.py")
-  report = convert(argv[1], argv[2], flags.FLAGS.config, flags.FLAGS.step)
+  from eercl_jax.weights import original  # pylint: disable=import-outside-toplevel
+  with cli.user_errors():
+    report = original.import_checkpoint(argv[1], argv[2], flags.FLAGS.config, flags.FLAGS.step)
   print(f"imported {argv[1]} -> {report['out_dir']}/{report['step']} "
         f"({len(report['loaded'])} arrays; ignored {len(report['ignored'])} file arrays)",
         flush=True)
 
 
-def _define_flags():
-  # Defined here, not at import, so tests and other entry points can import this module.
+def run() -> None:
+  # Flags defined here, not at import, so tests and other entry points can import this module.
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Config whose `model` (and data.crop, class "
                                   "names) describe the network.", lock_config=True)
   flags.DEFINE_integer("step", None, "Step to record (default: the original scheduler's "
                        "last_epoch, else 0).")
   flags.mark_flags_as_required(["config"])
+  app.run(main)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  run()

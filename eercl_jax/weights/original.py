@@ -14,13 +14,14 @@ torch.nn.utils.weight_norm (dim=0): weight_g (C, 1), weight_v (C, D), bias.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numpy as np
 from absl import logging
 
 from eercl_jax.models import registry
-from eercl_jax.weights import convert, rules
+from eercl_jax.weights import convert, readers, rules
 from eercl_jax.weights.rules import Path, Rule
 
 CLASSIFIER = {"g": "online_classifier.fc.weight_g", "v": "online_classifier.fc.weight_v",
@@ -139,3 +140,41 @@ def convert_original(sd: dict[str, np.ndarray], backbone: str, expected: dict[Pa
   report = {"used": sorted(used), "resized": resized,
             "ignored": sorted(k for k in sd if k not in used), "teacher_differs": teacher_diff}
   return values, report
+
+
+def import_checkpoint(src: str, out_dir: str, config, step: int | None = None) -> dict:
+  """Writes OUT_DIR/best/<step> (an orbax checkpoint a source run would leave, which stage 2
+  reads with `--config.source_checkpoint=OUT_DIR`) from the original's checkpoint `src`,
+  described by `config` (its model, crop and class names); returns a report."""
+  backbone = config.model.backbone
+  sd, file_step = base_model_state_dict(readers.read_checkpoint(src), src)
+  step = file_step if step is None else step
+  step = 0 if step is None else int(step)
+
+  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from eercl_jax import checkpoints
+  from eercl_jax.models import eercl
+  model = eercl.create_model(config.model)
+  flat_shapes = traverse_util.flatten_dict(eercl.variable_shapes(model, config.data.crop))
+  values, conv = convert_original(
+      sd, backbone, {p: s.shape for p, s in flat_shapes.items()}, src)
+
+  state = traverse_util.unflatten_dict(
+      {p: jnp.asarray(values[p], flat_shapes[p].dtype) for p in flat_shapes})
+  meta = checkpoints.run_meta(config, step, {
+      "best": {"value": -1.0, "step": step}, "selected_by": "imported",
+      "imported_from": os.path.abspath(src)})
+  ckpt = checkpoints.RunCheckpoints(out_dir)
+  try:
+    ckpt.save(step, {"params": state["params"], "batch_stats": state["batch_stats"]},
+              {"iterator": None}, meta, best=True)
+  finally:
+    ckpt.close()
+  report = {"step": step, "out_dir": os.path.join(out_dir, "best"),
+            "loaded": sorted("/".join(p) for p in values), "resized": conv["resized"],
+            "ignored": conv["ignored"], "teacher_differs": conv["teacher_differs"]}
+  logging.info("imported %s (%s, %d arrays, step %d) into %s", src, backbone, len(values), step,
+               report["out_dir"])
+  return report

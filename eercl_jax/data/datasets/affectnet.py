@@ -12,7 +12,7 @@ import csv
 import os
 
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = "affectnet"
 SPLITS = ("train", "val")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
+from eercl_jax.data import images
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = "ck"
 SPLITS = ("all",)
@@ -60,7 +61,7 @@ def read(src: str, args, ctx: common.Context) -> list[common.Item]:
     if cls is None:
       continue
     sequence = os.path.join(image_dir, os.path.relpath(root, emotion_dir))
-    frames = sorted(n for n in os.listdir(sequence) if common.is_image(n)) \
+    frames = sorted(n for n in os.listdir(sequence) if images.is_image_name(n)) \
         if os.path.isdir(sequence) else []
     if not frames:
       raise DataError(f"{label_path}: its sequence {sequence} has no frames")
@@ -71,7 +72,7 @@ def read(src: str, args, ctx: common.Context) -> list[common.Item]:
       items.append(common.Item("all", os.path.join(sequence, frames[0]), first, label_path))
     items += [common.Item("all", os.path.join(sequence, f), cls, label_path) for f in peak]
   sequences = {os.path.relpath(root, image_dir) for root, _, names in os.walk(image_dir)
-               if any(common.is_image(n) for n in names)}
+               if any(images.is_image_name(n) for n in names)}
   if sequences - labelled:
     ctx.skipped["sequence without an emotion label"] += len(sequences - labelled)
   return items

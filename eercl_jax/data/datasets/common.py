@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 # Canonical expression names (the project's default spelling); `contempt` is the eighth class of
 # CK+ and AffectNet, dropped unless asked for.
@@ -31,18 +31,11 @@ ALIASES = {
     "surprise": "surprise", "surprised": "surprise",
     "contempt": "contempt", "contemptuous": "contempt",
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
 def canonical(name: str) -> str:
   """The canonical expression a (folder or class) name spells, case-insensitively; an unknown
   name comes back lower-cased and stripped (and will not match any class)."""
   key = name.strip().lower()
   return ALIASES.get(key, key)
-
-
-def is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not is_junk(name)
 
 
 def is_junk(name: str) -> bool:

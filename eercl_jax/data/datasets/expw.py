@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = "expw"
 SPLITS = ("all",)

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = "fer2013"
 SPLITS = ("train", "publictest", "privatetest")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 
+from eercl_jax.data import images
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = None          # no default: name it with --domain
 SPLITS = ("all",)
@@ -47,13 +48,13 @@ def read_tree(tree: str, split: str, ctx: common.Context) -> list[common.Item]:
     if common.is_junk(entry):
       continue
     if not os.path.isdir(path):
-      if common.is_image(entry):
+      if images.is_image_name(entry):
         raise DataError(f"{path}: image outside any class folder (its class is unknown)")
       continue
     files = []
     for root, dirs, names in os.walk(path):
       dirs[:] = sorted(d for d in dirs if not common.is_junk(d))
-      files += [os.path.join(root, n) for n in sorted(names) if common.is_image(n)]
+      files += [os.path.join(root, n) for n in sorted(names) if images.is_image_name(n)]
     cls = ctx.resolve(entry, path, what="unknown class folder", count=len(files))
     if cls is None:
       continue

@@ -6,7 +6,7 @@ import os
 import re
 
 from eercl_jax.data.datasets import common
-from eercl_jax.data.lists import DataError
+from eercl_jax.errors import DataError
 
 DOMAIN = "jaffe"
 SPLITS = ("all",)

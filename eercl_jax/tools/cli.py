@@ -1,20 +1,27 @@
-"""Command-line mistakes as one line: a missing config file or a misspelt `--config.x.y` key is
-reported with the nearest existing names (difflib), and the process exits with code 2 instead
-of printing absl's or ml_collections' traceback.
+"""What every command shares: user mistakes said in one line, with exit code 2.
 
-    app.run(main, flags_parser=lambda argv: cli_errors.parse_flags(argv, _CONFIG))
+A missing config file or a misspelt `--config.x.y` key is reported with the nearest existing
+names (difflib) instead of absl's or ml_collections' traceback,
+
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))
+
+and a `UserError` raised by the library (a bad list, a missing checkpoint, ...) inside
+`with cli.user_errors():` becomes `error: <message>` on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import flags
 
-USAGE_EXIT_CODE = 2
+from eercl_jax import constants
+from eercl_jax.errors import UserError
 
 
 class UsageProblem(Exception):
@@ -24,7 +31,7 @@ class UsageProblem(Exception):
 def parse_flags(argv: Sequence[str], config_flag=None, flag_name: str = "config") -> list[str]:
   """absl's flag parsing (`flags.FLAGS(argv)`), then the config file is loaded (config_flags
   defers a missing file's error until the value is read); any failure is printed as one line
-  on stderr and exits with `USAGE_EXIT_CODE`. Returns the positional arguments."""
+  on stderr and exits with `constants.EXIT_USAGE`. Returns the positional arguments."""
   try:
     try:
       rest = flags.FLAGS(list(argv))
@@ -36,14 +43,63 @@ def parse_flags(argv: Sequence[str], config_flag=None, flag_name: str = "config"
     except (AttributeError, KeyError, OSError, ValueError, TypeError, SyntaxError) as e:
       raise UsageProblem(_problem(argv, flag_name) or _one_line(e)) from None
   except UsageProblem as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(USAGE_EXIT_CODE)
+    fail(str(e))
   return rest
 
 
+def one_line(message: str) -> str:
+  """A multi-line message joined with ' | ' (a log or terminal line per error)."""
+  return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def fail(message: str, code: int = constants.EXIT_USAGE) -> None:
+  """Prints `error: <message>` as one line on stderr and exits with `code`."""
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+
+# What a user can fix: their config, arguments and files (the message names the culprit).
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
+
+
+def report(error: BaseException) -> int:
+  """Prints `error: <message>` as one line on stderr; returns `constants.EXIT_USAGE`."""
+  print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
+  return constants.EXIT_USAGE
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+  """Decorates a command's `main(argv) -> exit code`: a user mistake raised inside becomes one
+  line and exit code 2; anything else propagates (a bug: traceback, exit code 1)."""
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs) -> int:
+    try:
+      return main(*args, **kwargs)
+    except USER_ERRORS as e:
+      return report(e)
+  return wrapped
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """A user mistake inside the block ends the process with one line and exit code 2."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    sys.exit(report(e))
+
+
+def grain_workers_ready() -> None:
+  """grain 0.2 reads its absl flags in its data-worker start-up without a fallback; a command
+  that does not run under absl's `app.run` (argparse) marks absl's flags parsed before it
+  starts workers."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _one_line(e: BaseException) -> str:
-  return " | ".join(line.strip() for line in f"{type(e).__name__}: {e}".splitlines()
-                    if line.strip())
+  return one_line(f"{type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------- the diagnosis

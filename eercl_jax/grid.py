@@ -1,0 +1,292 @@
+"""A paper table as one grid of runs: sources x targets x seeds, then one summary table (the
+command: `python -m eercl_jax.sweep`, eercl_jax/tools/sweep.py).
+
+    python -m eercl_jax.sweep --root=runs/paper --sources=configs/source_raf.py \
+        --targets=configs/adapt_ck.py,configs/adapt_jaffe.py --seeds=1,2,3 --mode=slurm
+
+The method's recipe is 64 images per step, so a cluster serves it best by running many small runs
+at once. Every run is named after its configs and seed:
+
+    ROOT/source_<src>_seed<k>        the source run of seed k
+    ROOT/<src>2<tgt>_seed<k>         its adaptation to <tgt>, started from ROOT/source_<src>_seed<k>
+
+`--mode=slurm` submits the source runs as one SLURM array and, per target, the adaptation runs as
+an array whose task i waits for source task i (`--dependency=aftercorr`), then a summary job.
+`--mode=local` runs the same grid on this machine, one run per GPU (or per group of
+`--gpus_per_run` GPUs), queueing the rest. Both skip runs that finished (their `results.json`
+exists) and resume interrupted ones (rerunning a run's command resumes its workdir). At the end
+`python -m eercl_jax.summarize` writes ROOT/summary.md and ROOT/summary.csv. `--dry_run` prints
+every command and dependency and runs nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from eercl_jax import constants
+from eercl_jax.errors import UserError
+
+SBATCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "launch", "sweep.sbatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  name: str                      # the run's folder name under the root
+  workdir: str
+  argv: tuple[str, ...]          # the command
+  after: Optional[str] = None    # the name of the run it starts from
+
+  def command(self) -> str:
+    return shlex.join(self.argv)
+
+  def finished(self) -> bool:
+    return os.path.isfile(os.path.join(self.workdir, constants.RESULTS_FILE))
+
+
+def _named(spec: str, prefix: str) -> tuple[str, str]:
+  """'NAME=PATH' or 'PATH' -> (name, path); the default name is the file name without `prefix`."""
+  if "=" in spec:
+    name, path = spec.split("=", 1)
+  else:
+    path = spec
+    name = os.path.splitext(os.path.basename(path))[0]
+    name = name[len(prefix):] if name.startswith(prefix) else name
+  if not name or not path.endswith(".py"):
+    raise UserError(f"{spec!r}: expected a config file PATH.py or NAME=PATH.py")
+  if not os.path.isfile(path):
+    raise UserError(f"{spec!r}: config file {path} not found")
+  return name, path
+
+
+def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds: Sequence[int],
+               python: str = sys.executable, source_args: str = "",
+               adapt_args: str = "") -> tuple[list[Job], dict[str, list[Job]]]:
+  """(source runs, {target label: its adaptation runs}); the i-th adaptation run of every target
+  starts from the i-th source run (the order SLURM's aftercorr dependency relies on)."""
+  if not sources:
+    raise UserError("--sources: at least one source config is needed")
+  if len(set(seeds)) != len(seeds):
+    raise UserError(f"--seeds: repeated seeds in {list(seeds)}")
+  src = [_named(s, "source_") for s in sources]
+  tgt = [_named(t, "adapt_") for t in targets]
+  for kind, named in (("source", src), ("target", tgt)):
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+      raise UserError(f"two {kind} configs share a name in {names}: name them NAME=PATH")
+  main = (python, "-m", "eercl_jax.main")
+  source_runs = []
+  for s_name, s_path in src:
+    for seed in seeds:
+      name = f"source_{s_name}_seed{seed}"
+      workdir = os.path.join(root, name)
+      source_runs.append(Job(name, workdir, main + (f"--config={s_path}", f"--workdir={workdir}",
+                                                    f"--config.seed={seed}",
+                                                    *shlex.split(source_args))))
+  adapt_runs = {}
+  for t_name, t_path in tgt:
+    for s_name, _ in src:
+      label = f"{s_name}2{t_name}"
+      adapt_runs[label] = []
+      for seed in seeds:
+        source = os.path.join(root, f"source_{s_name}_seed{seed}")
+        name = f"{label}_seed{seed}"
+        workdir = os.path.join(root, name)
+        adapt_runs[label].append(Job(
+            name, workdir, main + (f"--config={t_path}", f"--workdir={workdir}",
+                                   f"--config.seed={seed}", f"--config.source_checkpoint={source}",
+                                   *shlex.split(adapt_args)),
+            after=f"source_{s_name}_seed{seed}"))
+  return source_runs, adapt_runs
+
+
+def summary_argv(root: str, runs: Sequence[Job], python: str = sys.executable) -> list[str]:
+  """The summary command over the grid's runs (unfinished ones are listed as missing)."""
+  return [python, "-m", "eercl_jax.summarize", f"--out={os.path.join(root, 'summary')}",
+          *(r.workdir for r in runs)]
+
+
+# -------------------------------------------------------------------------------------- SLURM
+
+
+def write_task_file(path: str, runs: Sequence[Job]) -> None:
+  """One line per array task: workdir, a tab, the command (shell-quoted)."""
+  with open(path, "w", encoding="utf-8") as f:
+    for run in runs:
+      if "\t" in run.workdir or "\n" in run.command():
+        raise UserError(f"{run.name}: tabs or newlines in the workdir or command")
+      f.write(f"{run.workdir}\t{run.command()}\n")
+
+
+def slurm_plan(root: str, source_runs, adapt_runs, *, gpus_per_run: int, sbatch_args: str,
+               max_parallel: int, python: str) -> list[tuple[str, list[str]]]:
+  """The sbatch calls, in order, as (job label, argv); '{label}' in a dependency is filled in
+  with that job's id when it is submitted."""
+  sweep_dir = os.path.join(root, "sweep")
+  logs = os.path.join(root, "logs")
+  throttle = f"%{max_parallel}" if max_parallel else ""
+  common = ["sbatch", "--parsable", f"--gpus={gpus_per_run}", *shlex.split(sbatch_args)]
+  plan = [("source", common + [f"--array=0-{len(source_runs) - 1}{throttle}",
+                               "--job-name=eercl_source",
+                               f"--output={logs}/%x_%A_%a.out",
+                               SBATCH_SCRIPT, os.path.join(sweep_dir, "source.tsv")])]
+  for label in adapt_runs:
+    plan.append((label, common + [f"--array=0-{len(source_runs) - 1}{throttle}",
+                                  "--dependency=aftercorr:{source}", f"--job-name=eercl_{label}",
+                                  f"--output={logs}/%x_%A_%a.out",
+                                  SBATCH_SCRIPT, os.path.join(sweep_dir, f"{label}.tsv")]))
+  deps = ":".join("{" + label + "}" for label in adapt_runs) or "{source}"
+  summarize = (f"{shlex.quote(python)} -m eercl_jax.summarize "
+               f"--out={shlex.quote(os.path.join(root, 'summary'))} "
+               f"{shlex.quote(root)}/*_seed*")
+  plan.append(("summary", ["sbatch", "--parsable", *shlex.split(sbatch_args),
+                           f"--dependency=afterany:{deps}", "--job-name=eercl_summary",
+                           f"--output={logs}/summary_%j.out", f"--wrap={summarize}"]))
+  return plan
+
+
+def _fill(arg: str, ids: dict) -> str:
+  for label, job in ids.items():
+    arg = arg.replace("{" + label + "}", job)
+  return arg
+
+
+def submit_slurm(root: str, source_runs, adapt_runs, *, dry_run: bool, **plan_kwargs) -> None:
+  plan = slurm_plan(root, source_runs, adapt_runs, **plan_kwargs)
+  for label, runs in [("source", source_runs)] + list(adapt_runs.items()):
+    print(f"# array {label}:")
+    for i, run in enumerate(runs):
+      dep = f"   (after source task {i}: {run.after})" if run.after else ""
+      print(f"#   [{i}] {run.command()}{dep}")
+  if not dry_run:
+    os.makedirs(os.path.join(root, "sweep"), exist_ok=True)
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    write_task_file(os.path.join(root, "sweep", "source.tsv"), source_runs)
+    for label, runs in adapt_runs.items():
+      write_task_file(os.path.join(root, "sweep", f"{label}.tsv"), runs)
+  ids = {}
+  for label, argv in plan:
+    argv = [_fill(a, ids) if a.startswith("--dependency=") else a for a in argv]
+    if dry_run:
+      print(shlex.join(argv))
+      ids[label] = f"<{label} job id>"
+      continue
+    try:
+      out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+      raise UserError("sbatch not found: submit from a SLURM login node, or use "
+                      "--mode=local / --dry_run") from None
+    except subprocess.CalledProcessError as e:
+      raise UserError(f"{shlex.join(argv)} failed ({e.returncode}): "
+                      f"{e.stderr.strip()}") from None
+    ids[label] = out.split(";")[0]
+    print(f"{shlex.join(argv)}\n  -> job {ids[label]}")
+
+
+# -------------------------------------------------------------------------------- one machine
+
+
+def device_slots(devices: Optional[str], gpus_per_run: int) -> list[dict]:
+  """Environment overrides of each slot: a group of GPUs, or a CPU slot with the GPUs hidden."""
+  if devices and devices.startswith("cpu"):
+    count = int(devices.split(":", 1)[1]) if ":" in devices else 1
+    return [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(count)]
+  if devices:
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+  elif os.environ.get("CUDA_VISIBLE_DEVICES"):
+    ids = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+  else:
+    try:
+      listing = subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True,
+                               text=True).stdout
+      ids = [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
+    except (OSError, subprocess.CalledProcessError):
+      ids = []
+  if not ids:
+    raise UserError("--devices: no GPUs found; give GPU ids, or 'cpu:N' to run on the CPU")
+  if len(ids) < gpus_per_run:
+    raise UserError(f"--gpus_per_run={gpus_per_run} but only {len(ids)} GPUs: {ids}")
+  groups = [ids[i:i + gpus_per_run] for i in range(0, len(ids) - gpus_per_run + 1, gpus_per_run)]
+  return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]
+
+
+def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run: bool,
+              poll_s: float = 0.5) -> int:
+  """Runs `runs` (sources before the adaptations that need them), one per slot at a time.
+  Returns 0 when every run finished, 75 when interrupted, 1 when some run failed."""
+  by_name = {r.name: r for r in runs}
+  if dry_run:
+    for run in runs:
+      dep = f"   (after {run.after})" if run.after else ""
+      state = "   [finished: skipped]" if run.finished() else ""
+      print(f"{run.command()}{dep}{state}")
+    print(f"# {len(slots)} at a time: " + ", ".join(
+        f"CUDA_VISIBLE_DEVICES={s['CUDA_VISIBLE_DEVICES']!r}" for s in slots))
+    return 0
+  os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+  done = {r.name for r in runs if r.finished()}
+  for name in sorted(done):
+    print(f"finished already: {name}", flush=True)
+  failed: set[str] = set()
+  pending = [r for r in runs if r.name not in done]
+  active: dict[str, tuple[subprocess.Popen, int]] = {}  # name -> (process, slot)
+  stopping = []
+
+  def stop(signum, _frame):
+    stopping.append(signum)
+    for proc, _ in active.values():
+      proc.send_signal(signal.SIGTERM)  # each run checkpoints and exits 75
+
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    while pending or active:
+      for name, (proc, slot) in list(active.items()):
+        code = proc.poll()
+        if code is None:
+          continue
+        del active[name]
+        if code == 0:
+          done.add(name)
+          print(f"finished: {name}", flush=True)
+        elif stopping:  # exit 75 after a checkpoint, or killed before it could write one
+          print(f"interrupted: {name} (exit {code}; rerun to resume)", flush=True)
+        elif code == constants.EXIT_PREEMPTED:
+          pending.insert(0, by_name[name])  # stopped from outside: start it again
+        else:
+          failed.add(name)
+          print(f"FAILED: {name} (exit {code}; see {root}/logs/{name}.log)", flush=True)
+      if stopping:
+        if not active:
+          break
+        time.sleep(poll_s)
+        continue
+      for run in [r for r in pending if r.after in failed]:
+        pending.remove(run)
+        failed.add(run.name)
+        print(f"skipped: {run.name} (its source run {run.after} failed)", flush=True)
+      free = [i for i in range(len(slots)) if i not in {s for _, s in active.values()}]
+      for run in [r for r in pending if r.after is None or r.after in done]:
+        if not free:
+          break
+        slot = free.pop(0)
+        pending.remove(run)
+        log = open(os.path.join(root, "logs", f"{run.name}.log"), "ab")  # pylint: disable=consider-using-with
+        print(f"start: {run.name} on {slots[slot]}: {run.command()}", flush=True)
+        proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **slots[slot]})
+        log.close()
+        active[run.name] = (proc, slot)
+      time.sleep(poll_s)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if stopping:
+    print("interrupted: rerun the same command to resume", flush=True)
+    return constants.EXIT_PREEMPTED
+  return 1 if failed else 0

@@ -1,0 +1,85 @@
+"""Runs a paper table as one grid: sources x targets x seeds, then one summary table (the
+library: eercl_jax/grid.py, whose docstring describes the grid and its run names).
+
+    python -m eercl_jax.sweep --root=runs/paper --sources=configs/source_raf.py \
+        --targets=configs/adapt_ck.py,configs/adapt_jaffe.py --seeds=1,2,3 --mode=slurm
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+
+from eercl_jax import constants, grid
+from eercl_jax.errors import UserError
+
+_ROOT = flags.DEFINE_string("root", None, "Folder of the sweep's runs, logs and summary.")
+_SOURCES = flags.DEFINE_list("sources", None, "Source configs, each PATH or NAME=PATH "
+                             "(NAME defaults to the file name without 'source_').")
+_TARGETS = flags.DEFINE_list("targets", [], "Adaptation configs, each PATH or NAME=PATH "
+                             "(NAME defaults to the file name without 'adapt_').")
+_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds; adaptation seed k starts from "
+                           "source seed k.")
+_MODE = flags.DEFINE_enum("mode", "local", ["local", "slurm"], "Where the runs go.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command and dependency; run nothing.")
+_SOURCE_ARGS = flags.DEFINE_string("source_args", "", "Extra arguments for every source run, e.g. "
+                                   "'--config.num_steps=500'.")
+_ADAPT_ARGS = flags.DEFINE_string("adapt_args", "", "Extra arguments for every adaptation run.")
+_GPUS_PER_RUN = flags.DEFINE_integer("gpus_per_run", 1, "GPUs per run.")
+_DEVICES = flags.DEFINE_string(
+    "devices", None, "local mode: GPU ids to use, e.g. '0,1,2,3' (default: $CUDA_VISIBLE_DEVICES, "
+    "else every GPU nvidia-smi lists); 'cpu:N' runs N runs at a time on the CPU.")
+_SBATCH_ARGS = flags.DEFINE_string("sbatch_args", "", "slurm mode: extra sbatch arguments for "
+                                   "every array, e.g. '--partition=gpu --time=12:00:00'.")
+_MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 0, "slurm mode: at most this many tasks of "
+                                     "an array at once (0 = no limit).")
+_PYTHON = flags.DEFINE_string("python", sys.executable, "Python interpreter of the runs.")
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _ROOT.value:
+    raise app.UsageError("--root is required")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise app.UsageError(f"--seeds: integers expected, got {_SEEDS.value}") from None
+  try:
+    source_runs, adapt_runs = grid.build_grid(_ROOT.value, _SOURCES.value or [], _TARGETS.value, seeds,
+                                         _PYTHON.value, _SOURCE_ARGS.value, _ADAPT_ARGS.value)
+  except UserError as e:
+    raise app.UsageError(str(e)) from None
+  if _MODE.value == "slurm":
+    try:
+      grid.submit_slurm(_ROOT.value, source_runs, adapt_runs, dry_run=_DRY_RUN.value,
+                        gpus_per_run=_GPUS_PER_RUN.value, sbatch_args=_SBATCH_ARGS.value,
+                        max_parallel=_MAX_PARALLEL.value, python=_PYTHON.value)
+    except UserError as e:
+      raise app.UsageError(str(e)) from None
+    return 0
+  try:
+    slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
+  except UserError as e:
+    raise app.UsageError(str(e)) from None
+  runs = source_runs + [r for runs in adapt_runs.values() for r in runs]
+  status = grid.run_local(_ROOT.value, runs, slots, dry_run=_DRY_RUN.value)
+  summary = grid.summary_argv(_ROOT.value, runs, _PYTHON.value)
+  if _DRY_RUN.value:
+    print(shlex.join(summary))
+  elif status != constants.EXIT_PREEMPTED:
+    subprocess.run(summary, check=False)
+  return status
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
