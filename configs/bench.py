@@ -24,30 +24,31 @@ SECTIONS = ("step", "refresh", "pipeline", "views", "knn", "smoke")
 
 def _settings(preset: str) -> ml_collections.ConfigDict:
   """What the bench measures (eercl_jax/benchmarks.py describes each section)."""
+  # Lists are comma-separated text, so that --config.bench.sections=step,knn works.
   cpu = dict(
-      sections=("step", "refresh", "pipeline", "views", "knn"),
-      stages=("source", "adapt"),    # of the step section
+      sections="step,refresh,pipeline,views,knn",
+      stages="source,adapt",         # of the step section
       steps=5, repeats=3,            # timed steps per repeat, timed repeats (step, refresh, knn)
       bank_rows=10_000,              # target images N of the adaptation step
-      workers=("0", "1", "2"),       # grain worker counts of the pipeline ('auto': the host's)
+      workers="0,1,2",               # grain worker counts of the pipeline ('auto': the host's)
       image_px=400,                  # side of the synthetic JPEGs
       pipeline_images=1024, pipeline_batch=64,
-      pipeline_size=(256, 224),      # resize, crop of the pipeline and views sections
+      pipeline_size="256,224",       # resize,crop of the pipeline and views sections
       refresh_images=512,            # target list length of the refresh section
       views_images=50,               # images per figure of the views section
-      knn_sizes=(10_000, 100_000, 1_000_000), knn_dim=256,
+      knn_sizes="10000,100000,1000000", knn_dim=256,
       smoke_steps=0,                 # steps of each smoke run (0: none)
       peak_tflops=0.0)               # per device, for the MFU (0: the device's datasheet peak)
   if preset == "cpu":
     return ml_collections.ConfigDict(cpu)
-  real = dict(cpu, steps=10, repeats=5, bank_rows=91_793, workers=("0", "auto"),
-              pipeline_images=2048, pipeline_size=(256, 224), refresh_images=10_000,
-              views_images=200)
+  real = dict(cpu, steps=10, repeats=5, bank_rows=91_793, workers="0,auto",
+              pipeline_images=2048, refresh_images=10_000, views_images=200)
   if preset == "vit_b16_224":
     return ml_collections.ConfigDict(real)
   return ml_collections.ConfigDict(dict(   # gpu_check: within 8 minutes on one GPU
-      real, sections=SECTIONS, steps=10, repeats=3, workers=("auto",), pipeline_images=1024,
-      refresh_images=4096, views_images=100, knn_sizes=(100_000, 1_000_000), smoke_steps=10))
+      real, sections=",".join(SECTIONS), steps=10, repeats=3, workers="auto",
+      pipeline_images=1024, refresh_images=4096, views_images=100, knn_sizes="100000,1000000",
+      smoke_steps=10))
 
 
 def _real(stage):
@@ -72,7 +73,7 @@ def get_config(arg: str = "cpu"):
     stage = _load(arg)
     stage.model.init_from = ""
     c.bench = _settings("vit_b16_224")
-    c.bench.stages = (stage.stage,)
+    c.bench.stages = stage.stage
     c[stage.stage] = stage
     return c
   if arg not in PRESETS:

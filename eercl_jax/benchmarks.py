@@ -276,11 +276,16 @@ def refresh(config, list_path: str, repeats: int, dev: dict, tmp: str) -> Figure
 
 # ------------------------------------------------------------------------------- pipeline
 
-def worker_counts(values) -> list[int]:
+def names(text: str) -> list[str]:
+  """'a,b' -> ['a', 'b'] (the bench settings' lists)."""
+  return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def worker_counts(text: str) -> list[int]:
   """Worker counts, 'auto' = the host-following default (data/host.py); duplicates once."""
   from eercl_jax.data import host  # pylint: disable=import-outside-toplevel
   return list(dict.fromkeys(host.default_num_workers() if v == "auto" else int(v)
-                            for v in values))
+                            for v in names(text)))
 
 
 def _time_stream(make_iterator, num_batches: int, batch: int) -> tuple[float, float]:
@@ -316,7 +321,7 @@ def pipeline(class_names, list_path: str, settings, prefetch: int | None, tmp: s
   # pylint: disable=import-outside-toplevel
   from eercl_jax.data import host, pipelines
   fl = read_bench_list(list_path, class_names)
-  resize, crop = settings.pipeline_size
+  resize, crop = (int(v) for v in names(settings.pipeline_size))
   view_cfg = pipelines.ViewConfig(resize=resize, crop=crop)
   batch = settings.pipeline_batch
   num_batches = max(1, settings.pipeline_images // batch)
@@ -383,7 +388,7 @@ def knn(sizes, dim: int, batch: int, k: int, classes: int, repeats: int, dev: di
   kf, ks, kq = jax.random.split(jax.random.PRNGKey(0), 3)
   row_bytes = (dim + classes) * 4
   for n in sizes:
-    n = int(n)
+    n = int(float(n))
     info = dict(section="knn", rows=n, dim=dim, queries=batch, k=k, classes=classes,
                 repeats=repeats, **dev)
     feat = jax.device_put(losses.l2_normalize(jax.random.normal(kf, (n, dim))), devices[0])
@@ -445,30 +450,32 @@ def smoke(source_config, adapt_config, steps: int, tmp: str, dev: dict) -> Figur
 def run(config, tmp: str) -> Figures:
   """Every section `config.bench.sections` asks for, with `config.source` / `config.adapt`."""
   s = config.bench
+  sections = names(s.sections)
   dev = device_settings()
-  stages = [st for st in s.stages if st in config]
-  if "step" in s.sections:
+  stages = [st for st in names(s.stages) if st in config]
+  if "step" in sections:
     for st in stages:
       yield from step(st, config[st], s, dev)
-  if "refresh" in s.sections:
+  if "refresh" in sections:
     if "adapt" in config:
       lp = write_images(tmp, s.refresh_images, s.image_px)
       yield from refresh(config.adapt, lp, min(s.repeats, 3), dev, tmp)
     else:
       yield skipped("refresh", "no adaptation config")
   any_stage = config[stages[0]] if stages else config.source
-  if "pipeline" in s.sections or "views" in s.sections:
+  if "pipeline" in sections or "views" in sections:
     lp = write_images(tmp, max(s.pipeline_images, s.pipeline_batch), s.image_px)
     class_names = tuple(any_stage.data.class_names)
-    if "views" in s.sections:
-      yield from views(lp, class_names, s.views_images, tuple(s.pipeline_size))
-    if "pipeline" in s.sections:
+    if "views" in sections:
+      size = tuple(int(v) for v in names(s.pipeline_size))
+      yield from views(lp, class_names, s.views_images, size)
+    if "pipeline" in sections:
       yield from pipeline(class_names, lp, s, any_stage.data.prefetch, tmp, dev)
-  if "knn" in s.sections:
+  if "knn" in sections:
     a = config.adapt if "adapt" in config else None
-    yield from knn(s.knn_sizes, s.knn_dim, 64, a.adapt.aad_neighbours if a else 4,
+    yield from knn(names(s.knn_sizes), s.knn_dim, 64, a.adapt.aad_neighbours if a else 4,
                    any_stage.model.num_classes, s.repeats, dev)
-  if "smoke" in s.sections:
+  if "smoke" in sections:
     if s.smoke_steps <= 0:
       yield skipped("smoke", "config.bench.smoke_steps=0")
     elif "source" not in config or "adapt" not in config:

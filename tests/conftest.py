@@ -92,3 +92,28 @@ def random_variables(model, rs, size):
     return jnp.asarray(v, jnp.float32)
 
   return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
+
+
+def torch_sgd(params, grads, bufs, *, lr: float, optim, group_of, frozen=()):
+  """One step of PyTorch's SGD (coupled weight decay, Nesterov momentum) per parameter group,
+  on float64 numpy trees {scope: tree}: d = g + wd p; buf = mu buf + d; d += mu buf; p -= lr_g d,
+  lr_g = lr * optim.lr_mult[group]. A group in `frozen` has no gradient in PyTorch: neither an
+  update nor weight decay. Returns (new params, new momentum buffers)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  new_params, new_bufs = {}, {}
+  for scope in params:
+    group = group_of[scope]
+    if group in frozen:
+      new_params[scope], new_bufs[scope] = params[scope], bufs[scope]
+      continue
+
+    def sgd(p, g, buf, lr=lr * optim.lr_mult[group]):
+      d = g + optim.weight_decay * p
+      buf = optim.momentum * buf + d
+      return p - lr * (d + optim.momentum * buf), buf
+
+    out = jax.tree_util.tree_map(sgd, params[scope], grads[scope], bufs[scope])
+    is_pair = lambda t: isinstance(t, tuple)
+    new_params[scope] = jax.tree_util.tree_map(lambda t: t[0], out, is_leaf=is_pair)
+    new_bufs[scope] = jax.tree_util.tree_map(lambda t: t[1], out, is_leaf=is_pair)
+  return new_params, new_bufs

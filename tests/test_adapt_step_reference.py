@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from configs import demo_adapt
-from eercl_jax import optim, parallel, train_adapt
+from eercl_jax import parallel, train_adapt
 from eercl_jax.models import eercl
-from tests.conftest import assert_trees_close as _close, random_variables
+from tests.conftest import assert_trees_close as _close, random_variables, torch_sgd
 
 W, B = 2, 4            # GPUs of the original, images per GPU
 BG = W * B             # global batch
@@ -46,6 +46,8 @@ def _config(backbone):
   c = demo_adapt.get_config()
   c.model.backbone, c.model.feat_dim, c.model.num_classes = backbone, D, C
   c.model.size = "mu" if backbone == "resnet" else "mu/8"
+  c.model.bottleneck_dim = c.model.width = 16   # = _model(backbone): the build makes the same
+  c.model.dropout = 0.0
   c.batch_size, c.bn_group_size, c.virtual_devices = BG, B, W
   c.num_steps = 4                        # the AaD dispersion decay then differs between steps
   a = c.adapt
@@ -248,25 +250,10 @@ def _ref_step(model, ref, batch, config):
   # which the port writes as an explicit 1/W; checked here, not assumed).
   grad = jax.tree_util.tree_map(lambda *g: np.mean(g, 0), *grads)
 
-  # torch SGD per group: d = g + wd p; buf = mu buf + d; d += mu buf (Nesterov); p -= lr d.
+  # torch SGD per group (the classifier frozen: no gradient, no decay).
   lr = o.lr * (1.0 + o.gamma * step) ** (-o.power)
-  new_params, new_buf = {}, {}
-  for scope in ref["params"]:
-    group = eercl.PARAM_GROUPS[scope]
-    if group == "classifier":      # frozen: no gradient, no decay
-      new_params[scope], new_buf[scope] = ref["params"][scope], ref["buf"][scope]
-      continue
-
-    def sgd(p, g, buf, lr=lr * o.lr_mult[group]):
-      d = g + o.weight_decay * p
-      buf = o.momentum * buf + d
-      return p - lr * (d + o.momentum * buf), buf
-
-    out = jax.tree_util.tree_map(sgd, ref["params"][scope], grad[scope], ref["buf"][scope])
-    new_params[scope] = jax.tree_util.tree_map(lambda t: t[0], out,
-                                               is_leaf=lambda t: isinstance(t, tuple))
-    new_buf[scope] = jax.tree_util.tree_map(lambda t: t[1], out,
-                                            is_leaf=lambda t: isinstance(t, tuple))
+  new_params, new_buf = torch_sgd(ref["params"], grad, ref["buf"], lr=lr, optim=o,
+                                  group_of=eercl.PARAM_GROUPS, frozen=("classifier",))
 
   def ring(bank, ptr, values):
     bank = bank.copy()
@@ -298,10 +285,9 @@ def test_two_adapt_steps_match_the_per_gpu_original(backbone):
   rs = np.random.RandomState(7)
   variables = random_variables(model, rs, SIZE)
   mesh = parallel.create_mesh(jax.devices()[:1])
-  tx = optim.for_model(config, frozen=("classifier",))
-  state = train_adapt.create_state(config, model, tx, variables, N, mesh)
-  state = jax.device_put(state.replace(banks=_known_banks(state.banks, rs)),
-                         train_adapt.state_shardings(state, mesh, False))
+  built = train_adapt.build(config, mesh, variables, N)
+  state = jax.device_put(built.state.replace(banks=_known_banks(built.state.banks, rs)),
+                         built.shardings)
   state0 = jax.device_get(state)
   src = _np(state0.params)
 
@@ -331,7 +317,8 @@ def test_two_adapt_steps_match_the_per_gpu_original(backbone):
   ref2, info2 = _ref_step(model, ref1, batches[1], config)
   assert 0 < info1["mask"].sum() < BG, info1["mask"]
 
-  step = train_adapt.compile_adapt_step(config, model, tx, mesh, state, N)
+  # Built again: the step takes its settings (the threshold just chosen) from the config.
+  step = train_adapt.build(config, mesh, variables, N).step
   out, m1 = step(state, parallel.shard_batch(batches[0], mesh))
   state1 = jax.device_get(out)            # a host copy: the next call donates `out`
   state2, m2 = jax.device_get(step(out, parallel.shard_batch(batches[1], mesh)))

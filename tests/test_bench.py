@@ -8,12 +8,16 @@ import sys
 
 from tests.conftest import REPO
 
-SMALLEST = ["--stages=source", "--steps=2", "--repeats=2", "--refresh_images=32",
-            "--image_px=48", "--pipeline_images=32", "--pipeline_batch=16",
-            "--pipeline_size=36,32", "--workers=0", "--views_images=4", "--knn_sizes=1000",
-            "--knn_dim=16", "--peak_tflops=1", "--config.batch_size=16",
-            "--config.bn_group_size=16", "--config.adapt.refresh_batch_size=16",
-            "--config.data.num_workers=0"]
+SMALLEST = ["--config.bench.stages=source", "--config.bench.steps=2", "--config.bench.repeats=2",
+            "--config.bench.refresh_images=32", "--config.bench.image_px=48",
+            "--config.bench.pipeline_images=32", "--config.bench.pipeline_batch=16",
+            "--config.bench.pipeline_size=36,32", "--config.bench.workers=0",
+            "--config.bench.views_images=4", "--config.bench.knn_sizes=1000",
+            "--config.bench.knn_dim=16", "--config.bench.peak_tflops=1",
+            "--config.source.batch_size=16", "--config.source.bn_group_size=16",
+            "--config.adapt.batch_size=16", "--config.adapt.bn_group_size=16",
+            "--config.adapt.adapt.refresh_batch_size=16", "--config.source.data.num_workers=0",
+            "--config.adapt.data.num_workers=0"]
 
 
 def test_bench_cli_prints_one_json_line_per_figure():

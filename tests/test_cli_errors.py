@@ -5,7 +5,8 @@ import sys
 import ml_collections
 import pytest
 
-from eercl_jax import cli_errors
+from eercl_jax import constants
+from eercl_jax.tools import cli as cli_errors
 from tests.conftest import REPO
 
 
@@ -25,7 +26,7 @@ def _main(*args):
 ])
 def test_one_line_with_a_suggestion(args, line):
   proc = _main(*args)
-  assert proc.returncode == cli_errors.USAGE_EXIT_CODE
+  assert proc.returncode == constants.EXIT_USAGE
   assert proc.stderr.strip().splitlines() == [line]
   assert proc.stdout == ""
 

@@ -11,14 +11,16 @@ from eercl_jax import config_defaults
 from eercl_jax.models import registry
 from tests.conftest import REPO
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+# The training configs (configs/bench.py holds the benchmark's settings: tested below).
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if os.path.basename(p) != "bench.py")
 
 
-def _load(path):
+def _load(path, arg=None):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.endswith("__init__.py")],
@@ -113,3 +115,47 @@ def test_resnet_size_and_remat_are_config_fields():
   from eercl_jax.models import eercl  # pylint: disable=import-outside-toplevel
   model = eercl.create_model(c.model)
   assert (model.backbone, model.size, model.remat) == ("resnet", "mu", True)
+
+
+@pytest.mark.parametrize("family,arg", [
+    ("source", "backbone=resnet"), ("source", "source=raf,target=ck,backbone=vit,runlocal"),
+    ("adapt", "target=jaffe,backbone=resnet"), ("adapt", "target=ck,backbone=resnet,runlocal"),
+    ("demo_source", "runlocal"), ("demo_adapt", "runlocal")])
+def test_config_families_take_arguments(family, arg):
+  c = _load(os.path.join(REPO, "configs", f"{family}.py"), arg)
+  config_defaults.validate(c, num_devices=1)
+  if "backbone=resnet" in arg:
+    assert c.model.backbone == "resnet"
+  if "runlocal" in arg:   # the dry run: tiny model, 32 px, float32, synthetic data, few steps
+    assert registry.size_of(c.model) == registry.get(c.model.backbone).test_size
+    assert (c.data.crop, c.model.dtype, c.model.init_from) == (32, "float32", "")
+    assert c.data.synthetic.enabled and "synth_" in c.data.train_list
+    assert (c.batch_size, c.num_steps) == (32, 10)
+
+
+def test_family_files_are_the_named_configs():
+  for name, family, arg in (("source_raf", "source", "source=raf"),
+                            ("source_raf_r50", "source", "source=raf,backbone=resnet"),
+                            ("adapt_expw", "adapt", "target=expw"),
+                            ("adapt_ck_r50", "adapt", "target=ck,backbone=resnet")):
+    want = _load(os.path.join(REPO, "configs", f"{family}.py"), arg)
+    assert _load(os.path.join(REPO, "configs", f"{name}.py")).to_dict() == want.to_dict(), name
+
+
+def test_family_arguments_are_checked():
+  with pytest.raises(ValueError, match="config argument 'taget': unknown; the arguments are "
+                                       "backbone, runlocal, source, target"):
+    _load(os.path.join(REPO, "configs", "adapt.py"), "taget=ck")
+  with pytest.raises(ValueError, match="runlocal=.maybe.: expected true or false"):
+    _load(os.path.join(REPO, "configs", "adapt.py"), "runlocal=maybe")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "vit_b16_224", "gpu_check",
+                                    os.path.join(REPO, "configs", "adapt_expw.py")])
+def test_bench_presets_hold_valid_stage_configs(preset):
+  c = _load(os.path.join(REPO, "configs", "bench.py"), preset)
+  stages = [s for s in ("source", "adapt") if s in c]
+  assert stages and set(c.bench.stages.split(",")) <= set(stages)
+  for stage in stages:
+    assert c[stage].stage == stage and c[stage].model.init_from == ""
+    config_defaults.validate(c[stage], num_devices=1)

@@ -26,8 +26,8 @@ nn = torch.nn
 # pylint: disable=wrong-import-position
 from eercl_jax import checkpoints, config_defaults, parallel
 from eercl_jax.models import eercl
-from eercl_jax.tools import export_npz, import_torch
-from eercl_jax.weights import convert, readers
+from eercl_jax import export
+from eercl_jax.weights import convert, original, readers
 from tests.test_weights import randomize_bn_, randomize_vit_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +195,7 @@ def test_resnet_source_model_import(resnet_original, tmp_path):
           "module.target_classifier.fc.bias"} <= keys
   cfg = source_config("resnet")
   out = str(tmp_path / "imported")
-  report = import_torch.convert(path, out, cfg)
+  report = original.import_checkpoint(path, out, cfg)
   assert report["step"] == STEP and os.path.isdir(os.path.join(out, "best", str(STEP)))
   assert any(k.startswith("target_network.") for k in report["ignored"])
   ref_feat, ref_logits = torch_outputs(ddp, x)
@@ -215,7 +215,7 @@ def test_resnet_feature_layers_only(resnet_original, tmp_path):
                    ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))}
   path = str(tmp_path / "aliases.pth")
   torch.save({"base_model": sd}, path)
-  report = import_torch.convert(path, str(tmp_path / "out"), source_config("resnet"))
+  report = original.import_checkpoint(path, str(tmp_path / "out"), source_config("resnet"))
   assert report["step"] == 0 and len(report["loaded"]) == 6 + 265 + 3
 
 
@@ -244,7 +244,7 @@ def test_vit_source_model_import_cli_and_export(vit_original, tmp_path):
   np.testing.assert_allclose(feat, ref_feat, atol=TOL, rtol=0)
   np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
   # export_npz: the backbone in public JAX names, read back exactly.
-  npz = export_npz.export(out, str(tmp_path / "backbone.npz"))
+  npz = export.backbone_npz(out, str(tmp_path / "backbone.npz"))
   sd = readers.load_state_dict(npz)
   assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in sd
   reloaded, report = convert.init_backbone(cfg.model, variables, npz)
@@ -258,7 +258,7 @@ def test_vit_import_size_mismatch_is_named(vit_original, tmp_path):
   cfg = source_config("vit")
   cfg.model.feat_dim = 8
   with pytest.raises(ValueError) as e:
-    import_torch.convert(path, str(tmp_path / "out"), cfg)
+    original.import_checkpoint(path, str(tmp_path / "out"), cfg)
   msg = str(e.value)
   assert "online_network.sfda_bottleneck.weight: expected (32, 8)" in msg
   assert "online_classifier.fc.weight_v: expected (7, 8)" in msg and "found (7, 16)" in msg
@@ -269,4 +269,4 @@ def test_not_an_eercl_checkpoint(tmp_path):
   path = str(tmp_path / "plain.pth")
   torch.save({"model": {"w": torch.ones(2)}}, path)
   with pytest.raises(ValueError, match="no 'base_model' entry"):
-    import_torch.convert(path, str(tmp_path / "out"), source_config("vit"))
+    original.import_checkpoint(path, str(tmp_path / "out"), source_config("vit"))

@@ -12,7 +12,8 @@ from PIL import Image
 import pytest
 
 from eercl_jax import config_defaults
-from eercl_jax.data import lists, make_lists
+from eercl_jax.data import lists
+from eercl_jax.tools import make_lists
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
@@ -420,9 +421,11 @@ def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
   _img(str(d / "Train" / "Happpy" / "x.png"))
   monkeypatch.setattr(sys, "argv", ["make_lists", "sfew", "--src", str(d), "--image_root",
                                     str(tmp_path / "fer"), "--lists_dir", str(tmp_path / "t")])
-  assert make_lists._cli() == 1   # pylint: disable=protected-access
+  with pytest.raises(SystemExit) as exit_:
+    make_lists.run()
+  assert exit_.value.code == 2      # a user mistake
   err = capsys.readouterr().err.strip()
-  assert err.startswith("make_lists: error: ") and "Happpy" in err and "\n" not in err
+  assert err.startswith("error: ") and "Happpy" in err and "\n" not in err
 
 
 def test_module_runs_as_a_command(tmp_path):

@@ -8,13 +8,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from eercl_jax import config_defaults, parallel
 from eercl_jax.data import images, lists, packed, pipelines as P, resident, run_lists
+from eercl_jax.data import transforms as T
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
@@ -199,7 +199,7 @@ def test_cli_packs_resized_and_weak_test_views_stay_bit_identical(root):
   bad = subprocess.run([sys.executable, "-m", "eercl_jax.data.pack", f"--list={root / 'x.txt'}",
                         f"--image_root={root}", f"--out={root / 'x'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 1 and "x.txt: list file not found" in bad.stderr
+  assert bad.returncode == 2 and "x.txt: list file not found" in bad.stderr   # a user mistake
 
 
 # ----------------------------------------------------------------------------- the device view
@@ -246,11 +246,8 @@ def test_device_weak_view_distribution_matches_the_host_view():
   assert not np.array_equal(np.asarray(other[1]), y[:50])
 
 
-def _refresh_config(memory="host", device_view=False):
-  c = ml_collections.ConfigDict({
-      "data": {"resize": RESIZE, "crop": CROP, "format": "packed"},
-      "adapt": {"refresh_memory": memory, "refresh_device_view": device_view}})
-  return c
+def _resident(pk, mesh, memory="host", device_view=False):
+  return resident.Resident(pk, mesh, P.Loader(CFG), memory=memory, device_view=device_view)
 
 
 def test_resident_refresh_batches(root):
@@ -258,7 +255,7 @@ def test_resident_refresh_batches(root):
   memory): the resized pixels cropped/flipped on the device by `device_view`."""
   folder, pk = _lists(root)
   mesh = parallel.create_mesh(jax.devices()[:2])
-  res = resident.Resident(pk, _refresh_config(), mesh)
+  res = _resident(pk, mesh)
   assert res.pixels.shape == (N, RESIZE, RESIZE, 3)
   for view in ("weak", "test"):
     want = list(P.eval_batches(folder, view=view, view_cfg=CFG, batch_size=6, seed=4, epoch=2))
@@ -268,7 +265,7 @@ def test_resident_refresh_batches(root):
       _assert_equal(a, b)
   outs = []
   for memory in ("host", "device"):
-    res = resident.Resident(pk, _refresh_config(memory, True), mesh)
+    res = _resident(pk, mesh, memory, True)
     images = []
     for b in res.batches("weak", 6, 4, 2):
       assert ("image" in b) == (memory == "host")
@@ -285,7 +282,7 @@ def test_refresh_banks_from_the_resident_list(root):
   """The adaptation's refresh with the resident list (host view) fills the banks exactly as the
   folder path does (the device view's images are checked in test_resident_refresh_batches)."""
   from configs import demo_adapt  # pylint: disable=import-outside-toplevel
-  from eercl_jax import optim, train_adapt  # pylint: disable=import-outside-toplevel
+  from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
   from eercl_jax.models import eercl  # pylint: disable=import-outside-toplevel
 
   c = demo_adapt.get_config("runlocal")
@@ -294,22 +291,24 @@ def test_refresh_banks_from_the_resident_list(root):
   c.data.format, c.adapt.refresh_batch_size = "packed", 8
   folder, pk = _lists(root)
   mesh = parallel.create_mesh(jax.devices()[:1])
-  model = eercl.create_model(c.model)
-  tx = optim.for_model(c, frozen=("classifier",))
-  variables = eercl.init_variables(model, jax.random.PRNGKey(0), CROP)
-  state = train_adapt.create_state(c, model, tx, variables, N, mesh)
-  embed = train_adapt._make_embed(model, c)  # pylint: disable=protected-access
+  variables = eercl.init_variables(eercl.create_model(c.model), jax.random.PRNGKey(0), CROP)
+  built = train_adapt.build(c, mesh, variables, N)
+  state = built.state
+
+  def for_refresh(fl):   # as the adaptation loop asks
+    return resident.for_refresh(fl, mesh, built.evaluator.loader, data_format=c.data.format,
+                                memory=c.adapt.refresh_memory,
+                                device_view=c.adapt.refresh_device_view)
 
   def refresh(fl, res):   # on a copy of the banks: the refresh donates them
     fresh = state.replace(banks=jax.tree_util.tree_map(jnp.copy, state.banks))
-    return train_adapt.refresh_banks(fresh, fl, 1, embed=embed, config=c, mesh=mesh,
-                                     with_teacher=True, resident=res)[0].banks
+    return built.refresh(fresh, fl, 1, with_teacher=True, resident=res)[0].banks
   want = refresh(folder, None)
-  assert resident.for_refresh(pk, c, mesh) is not None
-  got = refresh(pk, resident.for_refresh(pk, c, mesh))
+  assert for_refresh(pk) is not None
+  got = refresh(pk, for_refresh(pk))
   for name in ("feat", "score", "aad_feat", "label"):
     np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)))
   c.adapt.refresh_memory = "none"
-  assert resident.for_refresh(pk, c, mesh) is None
+  assert for_refresh(pk) is None
   c.data.format, c.adapt.refresh_memory = "folder", "host"
-  assert resident.for_refresh(folder, c, mesh) is None
+  assert for_refresh(folder) is None

@@ -134,7 +134,7 @@ def test_feature_map_command_writes_a_png(runs, data_dir, tmp_path):
 
 
 def test_feature_map_refuses_a_source_run_and_unknown_lists(runs):
-  from eercl_jax.tools import feature_map  # pylint: disable=import-outside-toplevel
+  from eercl_jax import feature_map  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="name an adaptation run"):
     feature_map.feature_map(str(runs["source"]), "unused.png")
   with pytest.raises(ValueError, match="--lists"):

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from configs import demo_source
-from eercl_jax import checkpoints, run as run_lib
+from eercl_jax import checkpoints, constants, run as run_lib
 from eercl_jax.models import eercl
 from tests.conftest import REPO
 
@@ -113,7 +113,7 @@ def test_sigterm_checkpoints_stops_workers_and_resumes_exactly(data_dir, tmp_pat
   assert second.returncode != 0 and f"pid {proc.pid}" in second.stderr
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == run_lib.PREEMPTED_EXIT_CODE, err[-3000:]
+  assert proc.returncode == constants.EXIT_PREEMPTED, err[-3000:]
   steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
   assert len(steps) == 1 and 3 <= steps[0] < STEPS
   assert "preempted: checkpoint written at step" in log.read_text()

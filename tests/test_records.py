@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import demo_source
-from eercl_jax import inference, predict, records, summarize
+from eercl_jax import inference, records
+from eercl_jax.tools import predict, summarize
 from eercl_jax.data import lists
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
@@ -52,8 +53,8 @@ def test_results_and_config_json(source_run):
     assert entry["source_only"] is None
     cm = np.asarray(confusions[name])
     per_class = np.diag(cm) / cm.sum(1)
-    assert entry["last"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
-    assert entry["last"]["mean_class_acc"] == pytest.approx(per_class.mean())
+    assert entry["last"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert entry["last"]["mean_class_accuracy"] == pytest.approx(per_class.mean())
     assert entry["best"] == entry["last"]   # the one evaluation is also the best
 
   log = open(os.path.join(source_run, "logs", "train.log"), encoding="utf-8").read()
@@ -134,8 +135,8 @@ def test_eval_mode_cli(evaluated, source_run):
     per = [entry["per_class_accuracy"][c] for c in names]
     np.testing.assert_allclose(per, np.diag(cm) / cm.sum(1))
     # The same checkpoint, the same evaluation as the run's own at its best step.
-    assert entry["accuracy"] == pytest.approx(res["lists"][name]["best"]["acc"])
-    assert entry["mean_class_accuracy"] == pytest.approx(res["lists"][name]["best"]["mean_class_acc"])
+    assert entry["accuracy"] == pytest.approx(res["lists"][name]["best"]["accuracy"])
+    assert entry["mean_class_accuracy"] == pytest.approx(res["lists"][name]["best"]["mean_class_accuracy"])
   assert "true \\ predicted" in stdout and "written to" in stdout
   assert stdout.index("target: acc=") < stdout.index("source: acc=")
 
@@ -238,7 +239,7 @@ def test_predict_errors(source_run, data_dir, monkeypatch, capsys, tmp_path):
 # --------------------------------------------------------------------------------- summarize
 
 def _fake_results(stage, seed, target, source, source_only=None):
-  pair = lambda a: {"acc": a[0], "mean_class_acc": a[1]}
+  pair = lambda a: {"accuracy": a[0], "mean_class_accuracy": a[1]}
   return {"stage": stage, "seed": seed, "config_file": None, "workdir": "x",
           "selection": "best target accuracy (oracle selection: uses target labels)",
           "best_step": 10, "last_step": 12,

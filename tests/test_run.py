@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import demo_source
-from eercl_jax import checkpoints, run as run_lib
+from eercl_jax import checkpoints, constants, run as run_lib
 
 
 
@@ -70,7 +70,7 @@ def test_best_selection_ties_go_to_the_later_step_and_resume_restores_it(tmp_pat
     if step == 4:
       break       # "killed" after step 4: checkpoints at 2 and 4 exist
   assert (r.best.value, r.best.step) == (0.7, 4)   # 0.7 at step 2, tied at step 4: the later wins
-  assert r.best.lists["target"] == {"acc": 0.35, "mean_class_acc": 0.35}   # for results.json
+  assert r.best.lists["target"] == {"accuracy": 0.35, "mean_class_accuracy": 0.35}   # for results.json
   best_step, meta = checkpoints.read_meta(os.path.join(workdir, "best"))
   assert best_step == 4 and (meta["best"]["value"], meta["best"]["step"]) == (0.7, 4)
   assert meta["stream"] == 40 and meta["arch"]["size"] == "mu/8"
@@ -202,7 +202,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_preempted_code
       if step == 3:
         os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-step: the step still completes
       r.end_of_step(step, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(step), record)
-  assert exc.value.code == run_lib.PREEMPTED_EXIT_CODE and exc.value.step == 3
+  assert exc.value.code == constants.EXIT_PREEMPTED and exc.value.step == 3
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
   assert not os.path.exists(os.path.join(workdir, "run.lock"))
   r2 = _run(workdir, [0.5] * 3, monkeypatch)

@@ -24,7 +24,7 @@ from configs import demo_source
 from eercl_jax import optim, parallel, train_source
 from eercl_jax.models import eercl
 from eercl_jax.models.layers import GroupedBatchNorm
-from tests.conftest import assert_trees_close as _close, random_variables
+from tests.conftest import assert_trees_close as _close, random_variables, torch_sgd
 
 G, B = 2, 4            # BN groups (GPUs of the original), images per group
 BG = G * B             # global batch
@@ -139,25 +139,10 @@ def _ref_step(model, ref, batch, config, frozen):
   stats = _ref_running_stats(ref["stats"], bn_inputs)
   assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(ref["stats"])
 
-  # torch SGD per group: d = g + wd p; buf = mu buf + d; d += mu buf (Nesterov); p -= lr d.
   lr = o.lr * (1.0 + o.gamma * ref["step"]) ** (-o.power)        # InvLR, t = 0-based step
-  new_params, new_buf = {}, {}
   assert set(ref["params"]) == set(GROUP_OF), sorted(ref["params"])
-  for scope in ref["params"]:
-    group = GROUP_OF[scope]
-    if group in frozen:       # no gradient in PyTorch: neither update nor decay
-      new_params[scope], new_buf[scope] = ref["params"][scope], ref["buf"][scope]
-      continue
-
-    def sgd(p, g, buf, lr=lr * o.lr_mult[group]):
-      d = g + o.weight_decay * p
-      buf = o.momentum * buf + d
-      return p - lr * (d + o.momentum * buf), buf
-
-    out = jax.tree_util.tree_map(sgd, ref["params"][scope], grad[scope], ref["buf"][scope])
-    is_pair = lambda t: isinstance(t, tuple)
-    new_params[scope] = jax.tree_util.tree_map(lambda t: t[0], out, is_leaf=is_pair)
-    new_buf[scope] = jax.tree_util.tree_map(lambda t: t[1], out, is_leaf=is_pair)
+  new_params, new_buf = torch_sgd(ref["params"], grad, ref["buf"], lr=lr, optim=o,
+                                  group_of=GROUP_OF, frozen=frozen)
 
   logits = np.asarray(logits, np.float64)
   metrics = {"train/loss": float(loss),
@@ -186,18 +171,14 @@ def _ref_init(params, batch_stats):
 def test_two_source_steps_match_the_per_gpu_original():
   config, model, variables, batches = _setup()
   mesh = parallel.create_mesh(jax.devices()[:1])
-  tx = optim.for_model(config)
-  params = variables["params"]
-  state = train_source.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  batch_stats=variables["batch_stats"],
-                                  opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  state = parallel.replicate(state, mesh)
+  built = train_source.build(config, mesh, variables=variables)
+  state = built.state
   state0 = jax.device_get(state)
   ref1, want_m1, grad1 = _ref_step(model, _ref_init(state0.params, state0.batch_stats),
                                    batches[0], config, frozen=())
   ref2, want_m2, _ = _ref_step(model, ref1, batches[1], config, frozen=())
 
-  step = train_source.compile_train_step(config, model, tx, mesh)
+  step = built.step
   out, m1 = step(state, parallel.shard_batch(batches[0], mesh))
   state1 = jax.device_get(out)            # a host copy: the next call donates `out`
   state2, m2 = jax.device_get(step(out, parallel.shard_batch(batches[1], mesh)))

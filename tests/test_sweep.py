@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from eercl_jax import sweep
+from eercl_jax import constants, grid
 from tests.conftest import REPO
 
 SBATCH = os.path.join(REPO, "launch", "sweep.sbatch")
@@ -120,10 +120,10 @@ def _array_task(tmp_path, task, exit_code=0):
   _fake_bin(bin_dir, "py", f'echo "py $*" >> {log}\nexit {exit_code}\n')
   root = tmp_path / "paper"
   if not (root / "sweep").exists():
-    _, adapt = sweep.build_grid(str(root), ["configs/source_raf.py"],
+    _, adapt = grid.build_grid(str(root), ["configs/source_raf.py"],
                                           ["configs/adapt_ck.py"], [1, 2], python="py")
     (root / "sweep").mkdir(parents=True)
-    sweep.write_task_file(str(root / "sweep" / "raf2ck.tsv"), adapt["raf2ck"])
+    grid.write_task_file(str(root / "sweep" / "raf2ck.tsv"), adapt["raf2ck"])
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(task),
              SLURM_ARRAY_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
   proc = subprocess.run(["bash", SBATCH, str(root / "sweep" / "raf2ck.tsv")], env=env,
@@ -182,7 +182,7 @@ def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path)
     first = "demo2demo_seed1" if "start: demo2demo_seed1" in out.read_text() else "demo2demo_seed2"
     _wait_for(root / "logs" / f"{first}.log", "step 3", proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == sweep.PREEMPTED
+    assert proc.wait(timeout=120) == constants.EXIT_PREEMPTED
   finally:
     if proc.poll() is None:
       proc.kill()

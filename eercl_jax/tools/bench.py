@@ -35,12 +35,12 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from eercl_jax import benchmarks  # pylint: disable=import-outside-toplevel
   config = flags.FLAGS.config
-  unknown = sorted(set(config.bench.sections) - set(SECTIONS))
+  unknown = sorted(set(benchmarks.names(config.bench.sections)) - set(SECTIONS))
   if unknown:
     raise app.UsageError(f"config.bench.sections: unknown {unknown}; expected {SECTIONS}")
   dev = benchmarks.device_settings()
   logging.info("bench on %d %s device(s) (%s); sections %s", dev["devices"], dev["device"],
-               dev["platform"], list(config.bench.sections))
+               dev["platform"], config.bench.sections)
   tmp = tempfile.mkdtemp(prefix="eercl_bench_")
   try:
     for fig in benchmarks.run(config, tmp):

@@ -83,12 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 def _load_config(path: str):
   if not os.path.isfile(path):
     raise DataError(f"--config {path}: file not found")
-  spec = importlib.util.spec_from_file_location("_make_lists_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise DataError(f"--config {path}: not a config file (no get_config())")
-  return module.get_config()
+  try:
+    return cli.load_config_file(path)
+  except AttributeError as e:
+    raise DataError(f"--config {path}: not a config file ({e})") from None
 
 
 def _settings(args) -> tuple[tuple[str, ...], str, str]:
@@ -105,7 +103,6 @@ def _settings(args) -> tuple[tuple[str, ...], str, str]:
   return class_names, args.image_root or image_root, args.lists_dir or lists_dir
 
 
-@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   class_names, image_root, lists_dir = _settings(args)
@@ -114,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-  sys.exit(main())
+  with cli.user_errors():
+    sys.exit(main())
 
 
 if __name__ == "__main__":
