@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -51,17 +52,24 @@ class Job:
 
 
 def _named(spec: str, prefix: str) -> tuple[str, str]:
-  """'NAME=PATH' or 'PATH' -> (name, path); the default name is the file name without `prefix`."""
-  if "=" in spec:
-    name, path = spec.split("=", 1)
+  """'NAME=PATH[:ARG]' or 'PATH[:ARG]' -> (name, config argument). The default name is the file
+  name with the values of its argument (configs/adapt.py:target=ck,backbone=resnet ->
+  adapt_ck_resnet), without `prefix` (-> ck_resnet)."""
+  named = re.match(r"^([\w.-]+)=(.+)$", spec)
+  if named and not named.group(1).endswith(".py"):
+    name, path = named.groups()
   else:
     path = spec
-    name = os.path.splitext(os.path.basename(path))[0]
+    file, _, arg = path.partition(":")
+    parts = [os.path.splitext(os.path.basename(file))[0]]
+    parts += [item.split("=", 1)[-1] for item in arg.split(",") if item.strip()]
+    name = re.sub(r"[^\w.-]+", "-", "_".join(parts))
     name = name[len(prefix):] if name.startswith(prefix) else name
-  if not name or not path.endswith(".py"):
-    raise UserError(f"{spec!r}: expected a config file PATH.py or NAME=PATH.py")
-  if not os.path.isfile(path):
-    raise UserError(f"{spec!r}: config file {path} not found")
+  file = path.partition(":")[0]
+  if not name or not file.endswith(".py"):
+    raise UserError(f"{spec!r}: expected a config file PATH.py[:ARG] or NAME=PATH.py[:ARG]")
+  if not os.path.isfile(file):
+    raise UserError(f"{spec!r}: config file {file} not found")
   return name, path
 
 

@@ -11,19 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from eercl_jax import models
-from eercl_jax.models import eercl, layers, vit
+from eercl_jax.models import eercl, layers, resnet, vit
 
 TINY_HEAD = dict(bottleneck_dim=32, width=32, feat_dim=16, num_classes=7)
 TINY_RESNET = dict(size="mu")
 
 
 def tiny_vit(**kw):
-  return models.EERCLModel("vit", size="mu/8", **{**TINY_HEAD, **kw})
+  return eercl.EERCLModel("vit", size="mu/8", **{**TINY_HEAD, **kw})
 
 
 def tiny_resnet(**kw):
-  return models.EERCLModel("resnet", **{**TINY_HEAD, **TINY_RESNET, **kw})
+  return eercl.EERCLModel("resnet", **{**TINY_HEAD, **TINY_RESNET, **kw})
 
 
 def images(n=8, size=32, seed=0):
@@ -54,13 +53,13 @@ def train_apply(model, variables, x, seed=0, bn_groups=1):
 @pytest.fixture(scope="module")
 def vit_variables():
   with jax.threefry_partitionable(False):
-    return models.init_variables(tiny_vit(), jax.random.key(0), 32, batch=2)
+    return eercl.init_variables(tiny_vit(), jax.random.key(0), 32, batch=2)
 
 
 @pytest.fixture(scope="module")
 def resnet_variables():
   with jax.threefry_partitionable(False):
-    return models.init_variables(tiny_resnet(), jax.random.key(0), 32, batch=2)
+    return eercl.init_variables(tiny_resnet(), jax.random.key(0), 32, batch=2)
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -159,8 +158,8 @@ def test_weight_norm_dense_init_and_formula():
 def test_vit_sizes():
   assert vit.parse_vit_size("B/16") == dict(patch_size=16, width=768, depth=12, mlp_dim=3072,
                                             num_heads=12)
-  assert models.VIT_SIZES["Ti/16"]["width"] == 192 and models.VIT_SIZES["S/16"]["num_heads"] == 6
-  assert models.VIT_SIZES["L/16"]["depth"] == 24
+  assert vit.VIT_SIZES["Ti/16"]["width"] == 192 and vit.VIT_SIZES["S/16"]["num_heads"] == 6
+  assert vit.VIT_SIZES["L/16"]["depth"] == 24
   assert vit.parse_vit_size("Ti/8")["patch_size"] == 8
   assert vit.parse_vit_size("mu/8")["width"] == 64
   assert vit.parse_vit_size("S/7")["patch_size"] == 7     # any patch size parses
@@ -170,10 +169,10 @@ def test_vit_sizes():
 
 
 def test_vit_b16_param_tree_matches_checkpoint_names():
-  params = shape_tree(models.EERCLModel("vit", size="B/16"))["params"]
+  params = shape_tree(eercl.EERCLModel("vit", size="B/16"))["params"]
   bb = params["backbone"]
   # ViT-B/16 without its 1000-way head: 86,567,656 - 769,000.
-  assert models.count_params(bb) == 85_798_656
+  assert eercl.count_params(bb) == 85_798_656
   assert set(bb) == {"embedding", "cls", "Transformer"}
   assert bb["embedding"]["kernel"].shape == (16, 16, 3, 768)
   assert bb["cls"].shape == (1, 1, 768)
@@ -200,9 +199,9 @@ def test_vit_b16_param_tree_matches_checkpoint_names():
 
 
 def test_resnet50_param_tree():
-  tree = shape_tree(models.EERCLModel("resnet", size="50"))
+  tree = shape_tree(eercl.EERCLModel("resnet", size="50"))
   bb = tree["params"]["backbone"]
-  assert models.count_params(bb) == 23_508_032            # torchvision resnet50 without fc
+  assert eercl.count_params(bb) == 23_508_032            # torchvision resnet50 without fc
   assert bb["conv1"]["kernel"].shape == (7, 7, 3, 64)
   assert {f"layer{s}_{b}" for s, n in zip(range(1, 5), (3, 4, 6, 3)) for b in range(n)} \
       <= set(bb)
@@ -217,7 +216,7 @@ def test_resnet50_param_tree():
 
 def test_resnet_stride_on_3x3_conv(resnet_variables):
   """torchvision v1.5: in a downsampling block conv1 keeps the resolution, conv2 halves it."""
-  net = models.ResNet(stage_sizes=(1, 1, 1, 1), base_width=8)
+  net = resnet.ResNet(stage_sizes=(1, 1, 1, 1), base_width=8)
   v = {k: resnet_variables[k]["backbone"] for k in ("params", "batch_stats")}
   out, state = jax.jit(lambda v, x: net.apply(v, x, train=False, capture_intermediates=True,
                                                mutable=["intermediates"]))(v, images(2, 32))
@@ -292,13 +291,13 @@ def test_create_model_from_config():
   cfg = ml_collections.ConfigDict(dict(backbone="vit", size="mu/8", num_classes=5,
                                        bottleneck_dim=24, width=20, feat_dim=12, dropout=0.1,
                                        dtype="bfloat16", init_from=""))
-  model = models.create_model(cfg)
+  model = eercl.create_model(cfg)
   assert model.dtype == jnp.bfloat16 and model.num_classes == 5 and model.width == 20
   tree = shape_tree(model, 32)
-  assert models.class_directions(tree["params"]).shape == (5, 12)
+  assert eercl.class_directions(tree["params"]).shape == (5, 12)
   cfg.dtype = "float16"
   with pytest.raises(ValueError, match="dtype"):
-    models.create_model(cfg)
+    eercl.create_model(cfg)
 
 
 @pytest.mark.parametrize("init,groups", [
@@ -306,7 +305,7 @@ def test_create_model_from_config():
     ("resnet_variables", {"backbone", "sfda", "classifier"})], ids=["vit", "resnet"])
 def test_param_groups(init, groups, request):
   params = request.getfixturevalue(init)["params"]
-  labels = models.param_groups(params)
+  labels = eercl.param_groups(params)
   assert jax.tree_util.tree_structure(labels) == jax.tree_util.tree_structure(params)
   assert set(jax.tree_util.tree_leaves(labels)) == groups
   for top, sub in labels.items():
@@ -314,10 +313,10 @@ def test_param_groups(init, groups, request):
   if "bottleneck_bn" in labels:
     assert labels["bottleneck_bn"]["scale"] == "bottleneck"
   assert labels["sfda_bn"]["bias"] == "sfda"
-  np.testing.assert_array_equal(models.class_directions(params), params["classifier"]["v"])
+  np.testing.assert_array_equal(eercl.class_directions(params), params["classifier"]["v"])
 
   with pytest.raises(ValueError, match="no optimiser group"):
-    models.param_groups({**params, "extra": {"w": jnp.zeros(2)}})
+    eercl.param_groups({**params, "extra": {"w": jnp.zeros(2)}})
 
 
 def test_param_groups_drive_optax(vit_variables):
@@ -325,7 +324,7 @@ def test_param_groups_drive_optax(vit_variables):
   params = vit_variables["params"]
   groups = set(eercl.PARAM_GROUPS.values())
   tx = optax.multi_transform({g: optax.sgd(0.0 if g == "backbone" else 1.0) for g in groups},
-                             models.param_groups)
+                             eercl.param_groups)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates["backbone"]))
@@ -335,4 +334,4 @@ def test_param_groups_drive_optax(vit_variables):
 
 def test_count_params():
   tree = {"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4), jax.ShapeDtypeStruct((5,), jnp.float32)]}
-  assert models.count_params(tree) == 15
+  assert eercl.count_params(tree) == 15

@@ -21,8 +21,7 @@ torchvision = pytest.importorskip("torchvision")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 # pylint: disable=wrong-import-position
-from eercl_jax import models
-from eercl_jax.models import registry, resnet, vit
+from eercl_jax.models import eercl, registry, resnet, vit
 from eercl_jax.weights import convert, posemb, readers, torch_pickle
 
 VIT_CFG = ml_collections.ConfigDict({"backbone": "vit"})
@@ -74,7 +73,7 @@ def tiny_timm_vit(depth=2, img_size=32, seed=0):
 def eercl_vit_shapes(size=32):
   """EERCLModel ('mu/8' = timm embed 64, depth 2, heads 2, mlp 128) variable shapes: the loader
   replaces the backbone leaves, so no initialisation has to run."""
-  model = models.EERCLModel("vit", size="mu/8", **TINY_HEAD)
+  model = eercl.EERCLModel("vit", size="mu/8", **TINY_HEAD)
   return dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, size, size, 3)), train=False)))
 

@@ -121,7 +121,7 @@ def create_model(model_config) -> EERCLModel:
       feat_dim=model_config.feat_dim,
       dropout=model_config.dropout,
       dtype=DTYPES[model_config.dtype],
-      remat=bool(model_config.remat))
+      remat=bool(model_config.get("remat", False)))   # absent from configs of older checkpoints
 
 
 def init_variables(model: EERCLModel, rng: jax.Array, image_size, batch: int = 2) -> dict:
