@@ -25,6 +25,19 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 
+# The fast tier is `pytest -m "not slow"`: every test but the end-to-end runs, under 3 minutes on
+# two cores. A test is slow when it trains (a source run, an adaptation, a CLI run, a subprocess
+# grid) or compiles a large program; those that use the shared trained runs below are marked
+# here, the others by their own `@pytest.mark.slow`.
+SLOW_FIXTURES = ("source_run", "runs", "uninterrupted")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A folder holding `data/` with the dry run's synthetic set in the real list layout; the

@@ -1,5 +1,6 @@
 """`python -m eercl_jax.bench` in its smallest form: every section prints JSON lines with the
 figures' names, units and positive finite values, and the step's XLA FLOPs."""
+import pytest
 import json
 import math
 import os
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
 
 SMALLEST = ["--config.bench.stages=source", "--config.bench.steps=2", "--config.bench.repeats=2",
             "--config.bench.refresh_images=32", "--config.bench.image_px=48",

@@ -25,6 +25,8 @@ from configs import demo_adapt, demo_source
 from eercl_jax import config_defaults, losses, parallel, train_adapt, train_source
 from eercl_jax.models import eercl
 
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
+
 
 SIZE, B, N = 16, 16, 40       # image side, batch, target images
 LOSS_TOL, UPDATE_TOL, COS_MIN, SCORE_TOL = 0.03, 0.2, 0.999, 1e-3

@@ -1,10 +1,13 @@
 """The ResNet path end to end through the CLI: a tiny ResNet (size 'mu', rematerialised blocks)
 trained on the synthetic source domain and adapted to the target, as the ViT path is tested."""
+import pytest
 import json
 import os
 
 from tests.conftest import REPO
 from tests.test_train_source import _cli
+
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
 
 RESNET_FLAGS = ["--config.model.backbone=resnet", "--config.model.size=mu",
                 "--config.model.remat=True"]

@@ -7,6 +7,8 @@ import pytest
 from configs import demo_adapt, demo_source
 from eercl_jax import train_adapt, train_source
 
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
+
 
 def test_adaptation_beats_source_only_on_a_reduced_demo(tmp_path_factory):
   """The demo pair of configs, shortened: adapted target accuracy > source-only, same evaluation."""

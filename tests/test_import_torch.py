@@ -184,6 +184,7 @@ def vit_original(tmp_path_factory):
   return ddp, path, x
 
 
+@pytest.mark.slow
 def test_resnet_source_model_import(resnet_original, tmp_path):
   ddp, path, x = resnet_original
   keys = set(ddp.state_dict())
@@ -219,6 +220,7 @@ def test_resnet_feature_layers_only(resnet_original, tmp_path):
   assert report["step"] == 0 and len(report["loaded"]) == 6 + 265 + 3
 
 
+@pytest.mark.slow
 def test_vit_source_model_import_cli_and_export(vit_original, tmp_path):
   ddp, path, x = vit_original
   cfg_file = tmp_path / "cfg.py"

@@ -228,6 +228,7 @@ def test_resnet_stride_on_3x3_conv(resnet_variables):
 
 @pytest.mark.parametrize("make,init", [(tiny_vit, "vit_variables"),
                                        (tiny_resnet, "resnet_variables")], ids=["vit", "resnet"])
+@pytest.mark.slow
 def test_eercl_shapes_determinism_dropout(make, init, request):
   model, variables = make(), request.getfixturevalue(init)
   assert set(variables) == {"params", "batch_stats"}

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
+
 STEPS = ["--config.num_steps=3", "--config.log_every=1", "--config.eval_every=3",
          "--config.checkpoint_every=3"]
 

@@ -278,6 +278,7 @@ def test_resident_refresh_batches(root):
   assert outs[0].shape == (18, CROP, CROP, 3)
 
 
+@pytest.mark.slow
 def test_refresh_banks_from_the_resident_list(root):
   """The adaptation's refresh with the resident list (host view) fills the banks exactly as the
   folder path does (the device view's images are checked in test_resident_refresh_batches)."""

@@ -163,6 +163,7 @@ def test_eval_weak_view_depends_on_seed_and_epoch_only(fer_list):
   assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_two_workers_match_in_process_and_resume_across_worker_counts(fer_list):
   kw = dict(views=("weak", "strong", "strong"))
   in_process = _take(_train(fer_list, **kw), 4)

@@ -21,6 +21,8 @@ from eercl_jax import checkpoints, constants, run as run_lib
 from eercl_jax.models import eercl
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow   # an end-to-end run: not in the fast tier
+
 STEPS = 30
 FLAGS = [f"--config.num_steps={STEPS}", "--config.log_every=1",
          "--config.eval_every=1", f"--config.checkpoint_every={STEPS}"]

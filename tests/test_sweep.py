@@ -163,6 +163,7 @@ def _wait_for(path, text, proc, timeout=300):
   raise AssertionError(f"{text!r} not in {path} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path):
   """2 seeds x 1 target on the synthetic data, two CPU runs at a time: SIGTERM while an
   adaptation runs, rerun: finished runs are skipped, the others resume, the summary is written."""

@@ -94,8 +94,9 @@ def test_ensure_generated_is_idempotent(tmp_path):
 
 def test_cli(tmp_path):
   root = str(tmp_path / "cli")
-  synthetic.main(["--root", root, "--image_size", "24", "--train_per_class", "1",
-                  "--test_per_class", "1", "--target_per_class", "1"])
+  from eercl_jax.tools import synthetic as command  # pylint: disable=import-outside-toplevel
+  assert command.main(["--root", root, "--image_size", "24", "--train_per_class", "1",
+                       "--test_per_class", "1", "--target_per_class", "1"]) == 0
   fl = lists.read_list(os.path.join(root, "txt", "fer", "labeled_source_images_synth_studio.txt"),
                        os.path.join(root, "fer"), synthetic.CLASSES)
   assert len(fl) == 7 and images.load_image(fl.paths[0]).shape == (24, 24, 3)

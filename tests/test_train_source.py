@@ -35,6 +35,7 @@ def _run_steps(config, devices, batches):
   return jax.device_get(state), out
 
 
+@pytest.mark.slow
 def test_step_on_one_and_eight_devices_agree(data_dir, monkeypatch):
   monkeypatch.chdir(data_dir)
   config = _config()
@@ -57,6 +58,7 @@ def test_step_on_one_and_eight_devices_agree(data_dir, monkeypatch):
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
   monkeypatch.chdir(data_dir)
   whole = train_source.train_and_evaluate(_config(), str(tmp_path / "whole"))
@@ -91,6 +93,7 @@ def _cli(args, cwd):
 
 
 
+@pytest.mark.slow
 def test_cli_trains_checkpoints_and_logs(data_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = _cli([f"--config={REPO}/configs/demo_source.py:runlocal", f"--workdir={workdir}",

@@ -162,6 +162,7 @@ def test_timm_vit_features_match(timm_vit, loaded_vit):
   assert not any("/backbone/" in p for p in fresh)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_features_match(torch_resnet50):
   path, x, ref = torch_resnet50
   variables, report = convert.init_backbone(R50_CFG, resnet_shapes(), path)
