@@ -6,13 +6,18 @@ loads them (the project works on RGB; each reference converts in and out). Resiz
 bilinear filter, the backend the original's configs select. Whole strong views are replayed from
 the draws the project's generator made, so both sides see the same random numbers.
 
+The float blends (Brightness, Contrast, Sharpness) are the exception: their `addWeighted` is
+restated in numpy with the original's OpenCV arithmetic (double), because OpenCV 4.14 changed it,
+and the `test_float_blends_match_the_original_opencv*` tests pin outputs taken from OpenCV 4.5.5.
+
 The bar (per op, every magnitude the policy table can draw, both signs, on images with hard edges
 up to the border): copy/lookup ops no pixel off by more than 1 grey level; interpolating and
-blending ops at most 1% of pixels off by more than 1. Today's implementation calls OpenCV as mmcv
-does and is bit-exact, which `test_every_op_is_bit_exact` pins.
+blending ops at most 1% of pixels off by more than 1. Today's implementation is bit-exact, which
+`test_every_op_is_bit_exact` pins.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import cv2
@@ -90,9 +95,12 @@ def ref_rotate(img, angle):
 
 
 def _float_blend(img, degenerated, factor):
-  out = cv2.addWeighted(img.astype(np.float32), factor, degenerated.astype(np.float32),
-                        1 - factor, 0)
-  return np.clip(out, 0, 255).astype(img.dtype)
+  # mmcv: cv2.addWeighted(img.astype(np.float32), factor, degenerated.astype(np.float32),
+  # 1 - factor, 0), clip, astype. The original's OpenCV (4.5 to 4.13) does that sum in double and
+  # rounds it once to float32; OpenCV 4.14 uses float32 multiply-adds instead, so the call itself
+  # is no reference any more: its arithmetic is restated here.
+  out = img.astype(np.float64) * factor + degenerated.astype(np.float64) * (1 - factor) + 0.0
+  return np.clip(out.astype(np.float32), 0, 255).astype(img.dtype)
 
 
 @_bgr
@@ -243,10 +251,72 @@ def test_every_op_is_bit_exact():
                                     err_msg=f"{policy.name}({m})")
 
 
+def _grey(h, w, level, pixel=None):
+  """(h, w, 3) uint8 image of one grey level; `pixel` = ((y, x), level) sets one pixel apart."""
+  img = np.full((h, w, 3), level, np.uint8)
+  if pixel is not None:
+    img[pixel[0]] = pixel[1]
+  return img
+
+
+# Magnitudes at levels 7 and 10 (Brightness, Contrast and Sharpness share the range).
+_LEVEL7, _LEVEL10 = T.policy_magnitudes("Contrast")[6], T.policy_magnitudes("Contrast")[9]
+
+# (policy, image, magnitude after sign, grey output) with the output mmcv 1.x's calls give under
+# OpenCV 4.5.5 (opencv-python-headless 4.5.5.64; 4.6.0 gives the same). Under OpenCV 4.14 the same
+# calls give the level in parentheses on some or all of those pixels (which ones depends on their
+# position in the row): its float32 multiply-adds land at 58.999996 where the double sum rounds
+# to exactly 59.
+_ORIGINAL_OPENCV_BLENDS = [
+    ("Brightness", _grey(3, 3, 25), +_LEVEL7, [[59] * 3] * 3),  # (58)
+    ("Brightness", _grey(3, 3, 100), +_LEVEL7, [[236] * 3] * 3),  # (235)
+    ("Contrast", _grey(3, 3, 162), -_LEVEL10, [[162] * 3] * 3),  # (161)
+    # Mean luma 122.25 rounds to 122; the pixel 147 blends to 113 (112).
+    ("Contrast", _grey(10, 10, 122, ((0, 0), 147)), -_LEVEL7,
+     [[113] + [122] * 9] + [[122] * 10] * 9),
+    ("Sharpness", _grey(3, 3, 162), -_LEVEL10, [[162] * 3] * 3),  # (161)
+    # Centre 139 among 106s smooths to 119 and blends to 101 (100).
+    ("Sharpness", _grey(3, 3, 106, ((1, 1), 139)), -_LEVEL10,
+     [[125, 115, 125], [115, 101, 115], [125, 115, 125]]),
+    # Centre 113 among 73s smooths to 88 and blends to 147 (146).
+    ("Sharpness", _grey(3, 3, 73, ((1, 1), 113)), +_LEVEL7,
+     [[56, 64, 56], [64, 147, 64], [56, 64, 56]]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_ORIGINAL_OPENCV_BLENDS)))
+def test_float_blends_match_the_original_opencv(case):
+  name, img, m, expected = _ORIGINAL_OPENCV_BLENDS[case]
+  policy = next(p for p in T.POLICIES if p.name == name)
+  expected = np.repeat(np.array(expected, np.uint8)[..., None], 3, axis=-1)
+  np.testing.assert_array_equal(_ours(policy, img, m), expected)
+  np.testing.assert_array_equal(REFERENCES[name][0](img, m), expected)  # the restated reference
+
+
+# sha256 of the uint8 blends below under OpenCV 4.5.5 (4.13.0 gives the same; 4.14.0 does not:
+# 8eb78bbd...), computed as mmcv does: addWeighted on float32 copies, np.clip, astype(np.uint8).
+_ORIGINAL_OPENCV_ALL_PAIRS_SHA256 = (
+    "64fb1db3a67f10509f567350169aec867cc4e04f189f1a52105eb9e087151f8f")
+
+
+def test_float_blends_match_the_original_opencv_at_every_pixel_pair():
+  # Every (pixel, degenerate) pair of uint8 levels at every factor the table draws. A blend's
+  # output depends on nothing else, so this covers Brightness, Contrast and Sharpness entirely.
+  a = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1)
+  b = np.ascontiguousarray(a.T)
+  digest = hashlib.sha256()
+  for m in T.policy_magnitudes("Sharpness"):
+    for factor in (1 + m, 1 - m):
+      out = T._float_blend(a, b, factor)
+      np.testing.assert_array_equal(out, _float_blend(a, b, factor))
+      digest.update(out.tobytes())
+  assert digest.hexdigest() == _ORIGINAL_OPENCV_ALL_PAIRS_SHA256
+
+
 @pytest.mark.parametrize("kind", ["flat", "edges"])
 def test_sharpness_rounding_in_flat_areas(kind):
-  # mmcv's float32 addWeighted gives exactly 5 on a flat 5 where a float32 multiply-add gives
-  # 4.9999995 and truncates to 4: the case that separates the two.
+  # The original's addWeighted (a double sum) gives exactly 5 on a flat 5 where a float32
+  # multiply-add gives 4.9999995 and truncates to 4: the case that separates the two.
   img = IMAGES["flat_40x40"] if kind == "flat" else IMAGES["edges_64x80"]
   for factor in (1.28, 2.9, -0.9):
     np.testing.assert_array_equal(T.sharpness(img, factor), ref_sharpness(img, factor))

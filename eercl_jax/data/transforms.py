@@ -5,8 +5,9 @@ All randomness comes from an explicit `np.random.Generator`, so a view is a pure
 generator's seed (the pipelines derive it from (seed, epoch, index)). Normalisation is not done
 here: pipelines ship uint8 (4x less host->device traffic) and the train step calls `normalize`.
 
-The RandRangeAug ops call OpenCV exactly as mmcv 1.x does (the original's stack); the resizes use
-Pillow's bilinear filter, as the original's configs select mmcv's Pillow backend for them
+The RandRangeAug ops call OpenCV exactly as mmcv 1.x does (the original's stack), except the
+float blends, which restate the original's OpenCV arithmetic in numpy; the resizes use Pillow's
+bilinear filter, as the original's configs select mmcv's Pillow backend for them
 (docs/method.md#strong-view-ops-pixel-for-pixel).
 """
 from __future__ import annotations
@@ -107,16 +108,40 @@ def cutout(img: np.ndarray, rng: np.random.Generator, size: int = 16, prob: floa
 # ------------------------------------------------------------------------ RandRangeAug ops
 # Each op makes the OpenCV calls mmcv 1.x makes for it, with the same flags, border values and
 # dtypes (docs/method.md#strong-view-ops-pixel-for-pixel), so rounding, interpolation and borders
-# are the original's. mmcv works on BGR arrays, these on RGB: every call below is blind to the
-# channel order except the luma, which uses RGB2GRAY on RGB (= BGR2GRAY on BGR, same weights).
+# are the original's; the float addWeighted is restated in numpy (`_float_blend`). mmcv works on
+# BGR arrays, these on RGB: every call below is blind to the channel order except the luma, which
+# uses RGB2GRAY on RGB (= BGR2GRAY on BGR, same weights).
 # Colour factors are f = 1 + magnitude and may be <= 0 (see the policies below).
 
 
+_BLEND_BLOCK = 8192  # elements per block: 64 KiB float64 buffers, reused from the heap
+
+
 def _float_blend(img: np.ndarray, degenerate: np.ndarray, factor: float) -> np.ndarray:
-  """mmcv's float path: addWeighted on float32 copies, clip, truncate back to uint8."""
-  out = cv2.addWeighted(img.astype(np.float32), factor, degenerate.astype(np.float32),
-                        1 - factor, 0)
-  return np.clip(out, 0, 255).astype(np.uint8)
+  """mmcv's float path: addWeighted on float32 copies, clip, truncate back to uint8.
+
+  Restated in numpy rather than called. The OpenCV of the original's time (4.5 to 4.13; 4.5.5,
+  4.6, 4.9, 4.11 and 4.13 checked) computes a float32 addWeighted in double and rounds once to
+  float32: `float32(img * factor + degenerate * (1 - factor))`. OpenCV 4.14 uses float32
+  multiply-adds, which land a hair below an integer (161.99998 for 162) and truncate one grey
+  level lower. This computes in double whatever OpenCV is installed. (An old OpenCV on a CPU
+  with FMA fuses its double multiply-adds: that moves a few float32 results by one ulp, never a
+  uint8 one, at any pixel pair and factor of the table.)
+  Worked through in blocks: whole-image float64 temporaries are mapped afresh on every call and
+  cost more in page faults than the arithmetic itself.
+  """
+  a = np.ascontiguousarray(img).reshape(-1)
+  b = np.ascontiguousarray(degenerate).reshape(-1)
+  out = np.empty(a.shape, np.uint8)
+  for start in range(0, a.size, _BLEND_BLOCK):
+    block = slice(start, start + _BLEND_BLOCK)
+    x = a[block].astype(np.float64)
+    x *= factor
+    x += b[block].astype(np.float64) * (1 - factor)
+    y = x.astype(np.float32)
+    np.clip(y, 0, 255, out=y)
+    out[block] = y  # truncates, as astype(uint8)
+  return out.reshape(img.shape)
 
 
 _LEVELS = np.arange(256, dtype=np.uint8)
@@ -133,7 +158,7 @@ def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 def _constant_blend(img: np.ndarray, value: int, factor: float) -> np.ndarray:
-  """`_float_blend` against a constant image, evaluated once per grey level by the same call."""
+  """`_float_blend` against a constant image, evaluated once per grey level into a table."""
   table = _float_blend(_LEVELS[None], np.full((1, 256), value, np.uint8), factor)[0]
   return _lut(img, table)
 
