@@ -7,6 +7,9 @@ it measures with (`source`, `adapt`; any field can be overridden, e.g.
   --config=configs/bench.py:gpu_check         vit_b16_224 plus a short source + adaptation run
   --config=configs/bench.py:configs/adapt_expw.py   a training config (its stage only), with the
                                               vit_b16_224 settings
+  --config=configs/bench.py:gpu_check,runlocal      any of them as a CPU-sized dry run: the
+                                              stage configs shrunk by config_defaults.runlocal
+                                              and small sizes (the suite runs gpu_check's so)
 
 Random weights; the synthetic images the bench writes stand in for the data (a step's cost does
 not depend on them).
@@ -17,6 +20,7 @@ import os
 import ml_collections
 
 from configs import adapt, demo_adapt, demo_source, source
+from eercl_jax import config_defaults
 
 PRESETS = ("cpu", "vit_b16_224", "gpu_check")
 SECTIONS = ("step", "refresh", "pipeline", "views", "knn", "smoke")
@@ -67,21 +71,37 @@ def _load(path: str):
   return module.get_config()
 
 
+def _runlocal(c):
+  """The dry run: every stage config shrunk, the measured sizes small (about a minute)."""
+  for stage in ("source", "adapt"):
+    if stage in c:
+      config_defaults.runlocal(c[stage])
+  c.bench.update(steps=2, repeats=2, bank_rows=1000, workers="0", image_px=48,
+                 pipeline_images=32, pipeline_batch=16, pipeline_size="36,32",
+                 refresh_images=64, views_images=4, knn_sizes="1000", knn_dim=16,
+                 smoke_steps=min(c.bench.smoke_steps, 2))
+  return c
+
+
 def get_config(arg: str = "cpu"):
+  first, *flags = [a.strip() for a in arg.split(",")]
+  unknown = [f for f in flags if f != "runlocal"]
+  if unknown:
+    raise ValueError(f"configs/bench.py: unknown argument(s) {unknown}; expected 'runlocal'")
   c = ml_collections.ConfigDict()
-  if arg.endswith(".py"):                # a training config: its own stage only
-    stage = _load(arg)
+  if first.endswith(".py"):              # a training config: its own stage only
+    stage = _load(first)
     stage.model.init_from = ""
     c.bench = _settings("vit_b16_224")
     c.bench.stages = stage.stage
     c[stage.stage] = stage
-    return c
-  if arg not in PRESETS:
-    raise ValueError(f"configs/bench.py: unknown preset {arg!r}; expected one of {PRESETS} or "
-                     "a training config file")
-  c.bench = _settings(arg)
-  if arg == "cpu":
-    c.source, c.adapt = demo_source.get_config(), demo_adapt.get_config()
+  elif first in PRESETS:
+    c.bench = _settings(first)
+    if first == "cpu":
+      c.source, c.adapt = demo_source.get_config(), demo_adapt.get_config()
+    else:
+      c.source, c.adapt = _real(source.get_config()), _real(adapt.get_config("target=bench"))
   else:
-    c.source, c.adapt = _real(source.get_config()), _real(adapt.get_config("target=bench"))
-  return c
+    raise ValueError(f"configs/bench.py: unknown preset {first!r}; expected one of {PRESETS} "
+                     "or a training config file")
+  return _runlocal(c) if flags else c

@@ -59,3 +59,19 @@ def test_bench_cli_prints_one_json_line_per_figure():
                       / figures["pipeline/folder/source_1view/images_per_s"]["value"])
   assert figures["knn/sharded/ms"]["layout"] == "sharded x2"
 
+
+
+def test_gpu_check_script_dry_run():
+  """benchmarks/gpu_check.sh with its CPU-sized preset: every section of the GPU day's script,
+  smoke runs included, so that day does not start with a broken script."""
+  env = dict(os.environ, BENCH_CONFIG="configs/bench.py:gpu_check,runlocal",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+  names = {d["name"] for d in lines if "value" in d}
+  sections = {n.split("/")[0] for n in names}
+  assert sections == {"step", "refresh", "pipeline", "views", "knn", "smoke"}, sections
+  assert {"step/source/device_memory_gib", "step/adapt/device_memory_gib", "smoke/source/wall_s",
+          "smoke/adapt/wall_s"} <= names
