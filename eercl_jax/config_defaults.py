@@ -79,11 +79,14 @@ def _model(backbone: str = "vit") -> ml_collections.ConfigDict:
 
 def _optim(lr: float, weight_decay: float, schedule: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
+      "name": "sgd",                     # 'sgd' | 'adam' (Tent's)
       "lr": lr,
-      "momentum": 0.9,
-      "nesterov": True,
-      "weight_decay": weight_decay,      # coupled L2, on every parameter, as torch SGD
-      "schedule": schedule,              # 'inv': lr*(1+gamma*t)^-power | 'constant'
+      "momentum": 0.9,                   # sgd
+      "nesterov": True,                  # sgd
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8,   # adam (PyTorch's defaults)
+      "weight_decay": weight_decay,      # coupled L2, on every trained parameter, as torch
+      # 'inv': lr*(1+gamma*t)^-power | 'constant' | 'shot': lr*(1+gamma*(t+1)/num_steps)^-power
+      "schedule": schedule,
       "gamma": 0.001,
       "power": 0.75,
       # Multiplier of lr per parameter group; None = the backbone's own (models/registry.py:
@@ -188,6 +191,37 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
       "zero_negative_banks": False,      # True: zeros instead of the original's randn negatives
       "shard_banks": False,              # shard the N-row banks by rows over all devices
   })
+  # The method (eercl_jax/methods/; docs/method.md#baselines): 'eercl' (config.adapt above),
+  # or a baseline with the settings of its authors' code below. configs/adapt.py's
+  # `method=NAME` argument also sets that method's optimiser recipe.
+  c.method = "eercl"
+  c.adabn = ml_collections.ConfigDict({
+      "view": "test",                    # the statistics' pass: the un-augmented image
+      "batch_size": 64,                  # images per batch of that pass (each weighs the same)
+  })
+  c.shot = ml_collections.ConfigDict({
+      "cls_par": 0.3,                    # weight of the cross-entropy to the pseudo-labels
+      "ent_par": 1.0,                    # weight of the information maximisation
+      "gent": True,                      # the diversity term (entropy of the mean prediction)
+      "epsilon": 1e-5,                   # inside the diversity term's log
+      "interval": 15,                    # pseudo-labels this many times a run (once an epoch)
+      "threshold": 0,                    # classes with more members are clustering targets
+      "view": "test",                    # the pseudo-label pass: the un-augmented image
+  })
+  c.nrc = ml_collections.ConfigDict({
+      "k": 5,                            # neighbours
+      "kk": 5,                           # expanded neighbours of each neighbour
+      "affinity": 0.1,                   # weight r of a neighbour that is not reciprocal
+      "expanded_weight": 0.1,            # weight of every expanded neighbour
+      "epsilon": 1e-5,                   # inside the diversity term's log
+      "view": "weak",                    # the bank-filling pass (the authors' training loader)
+  })
+  c.aad = ml_collections.ConfigDict({
+      "k": 5,                            # neighbours
+      "alpha": 1.0,                      # scale of the dispersion weight
+      "beta": 5.0,                       # its decay (1 + 10 t / T)^-beta
+      "view": "weak",                    # the bank-filling pass (the authors' training loader)
+  })
   return c
 
 
@@ -279,7 +313,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(config, num_devices: int, num_processes: int = 1) -> None:
   """Checks every rule a run relies on; each error names the config key at fault."""
   # pylint: disable=import-outside-toplevel
-  from eercl_jax import optim
+  from eercl_jax import methods, optim
   from eercl_jax.models import eercl, registry
   _require(config.stage in ("source", "adapt"), "stage",
            f"{config.stage!r}: expected 'source' or 'adapt'")
@@ -340,3 +374,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _require(a.negative_bank_size > 0, "adapt.negative_bank_size",
              f"{a.negative_bank_size} must be positive")
     _require(0.0 <= a.ema_decay <= 1.0, "adapt.ema_decay", f"{a.ema_decay} outside [0, 1]")
+    methods.create(config)             # an unknown method
+    for key in ("shot.view", "adabn.view"):
+      view = config[key.split(".")[0]].view
+      _require(view in ("weak", "test"), key, f"{view!r}: expected 'weak' or 'test'")
+    _require(config.shot.interval > 0, "shot.interval", f"{config.shot.interval} must be positive")
+    for key in ("nrc.k", "nrc.kk", "aad.k"):
+      value = config[key.split(".")[0]][key.split(".")[1]]
+      _require(value > 0, key, f"{value} must be positive")

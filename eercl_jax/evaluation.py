@@ -80,10 +80,17 @@ class Evaluator:
     self.model, self.norm, self.mesh, self.loader = model, norm, mesh, loader
     self.batch_size, self.class_names = int(batch_size), tuple(class_names)
 
+    def raw(variables, images):
+      return model.apply(variables, norm(images), train=False)
+
     def forward(variables, images):
-      feat, logits = model.apply(variables, norm(images), train=False)
+      feat, logits = raw(variables, images)
       return losses.l2_normalize(feat), logits
-    self._forward = jax.jit(forward)
+
+    def embed(variables, images):
+      feat, logits = raw(variables, images)
+      return losses.l2_normalize(feat), jax.nn.softmax(logits, -1)
+    self._raw, self._forward, self._embed = jax.jit(raw), jax.jit(forward), jax.jit(embed)
 
   @classmethod
   def from_config(cls, config, model, mesh, batch_size: int | None = None) -> "Evaluator":
@@ -99,8 +106,11 @@ class Evaluator:
 
   def embed(self, variables: dict, images) -> tuple[jax.Array, jax.Array]:
     """(L2-normalised features f, class probabilities): what the adaptation's banks store."""
-    feat, logits = self._forward(variables, images)
-    return feat, jax.nn.softmax(logits, -1)
+    return self._embed(variables, images)
+
+  def features(self, variables: dict, images) -> tuple[jax.Array, jax.Array]:
+    """(features f as the model outputs them, logits)."""
+    return self._raw(variables, images)
 
   # ----------------------------------------------------------------------------- whole lists
 

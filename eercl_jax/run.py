@@ -196,7 +196,7 @@ class Run:
     self.results: dict[str, dict] = {}
     self._running = logs.MeanMetrics()
     self._progress = logs.Progress(0, config.num_steps)
-    self._schedule = optim.make_schedule(config.optim)
+    self._schedule = optim.make_schedule(config.optim, config.num_steps)
     self._backbone_mult = registry.lr_mult(config.model, config.optim)["backbone"]
     self.loader = pipelines.Loader.from_config(config.data)
     self.evaluator: evaluation.Evaluator | None = None

@@ -144,7 +144,7 @@ def test_family_files_are_the_named_configs():
 
 def test_family_arguments_are_checked():
   with pytest.raises(ValueError, match="config argument 'taget': unknown; the arguments are "
-                                       "backbone, runlocal, source, target"):
+                                       "backbone, method, runlocal, source, target"):
     _load(os.path.join(REPO, "configs", "adapt.py"), "taget=ck")
   with pytest.raises(ValueError, match="runlocal=.maybe.: expected true or false"):
     _load(os.path.join(REPO, "configs", "adapt.py"), "runlocal=maybe")

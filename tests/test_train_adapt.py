@@ -185,9 +185,9 @@ def test_loop_refresh_cadence_new_stream_and_config_reach(data_dir, source_run, 
   def recording_build(*args, **kwargs):
     return dataclasses.replace(real_build(*args, **kwargs), refresh=fake_refresh, step=fake_step)
 
-  def recording_for_model(config, frozen=()):
+  def recording_for_model(config, frozen=(), **kwargs):
     frozen_arg.append(tuple(frozen))
-    return real_for_model(config, frozen=frozen)
+    return real_for_model(config, frozen=frozen, **kwargs)
 
   monkeypatch.setattr(train_adapt, "build", recording_build)
   monkeypatch.setattr(optim, "for_model", recording_for_model)

@@ -53,13 +53,15 @@ class EERCLModel(nn.Module):
   remat: bool = False           # rematerialise backbone blocks (memory for compute)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool,
-               bn_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, *, train: bool, bn_groups: int = 1,
+               use_dropout: Optional[bool] = None) -> tuple[jax.Array, jax.Array]:
     """x: normalised NHWC images. Returns (features (N, feat_dim), logits (N, C)), float32.
 
     In train mode every BN normalises over `bn_groups` fixed groups of rows and dropout draws
     from the 'dropout' rng; in eval mode BN uses running statistics and dropout is off.
+    `use_dropout` overrides the dropout's mode (AdaBN: batch statistics without dropout).
     """
+    no_dropout = not train if use_dropout is None else not use_dropout
     entry = registry.get(self.backbone)
     size = entry.default_size if self.size is None else self.size
     bn = lambda name, y: GroupedBatchNorm(name=name)(y, train=train, groups=bn_groups)
@@ -69,11 +71,11 @@ class EERCLModel(nn.Module):
       h = nn.Dense(self.bottleneck_dim, kernel_init=nn.initializers.normal(0.005),
                    bias_init=nn.initializers.constant(0.1), name="bottleneck")(h)
       h = nn.relu(bn("bottleneck_bn", h))
-      h = nn.Dropout(self.dropout)(h, deterministic=not train)
+      h = nn.Dropout(self.dropout)(h, deterministic=no_dropout)
       h = nn.Dense(self.width, kernel_init=nn.initializers.normal(0.01),
                    bias_init=nn.initializers.zeros, name="mlp")(h)
       h = nn.relu(h)
-      h = nn.Dropout(self.dropout)(h, deterministic=not train)
+      h = nn.Dropout(self.dropout)(h, deterministic=no_dropout)
     h = nn.Dense(self.feat_dim, kernel_init=_xavier_normal, bias_init=nn.initializers.zeros,
                  name="sfda_bottleneck")(h)
     features = bn("sfda_bn", h)
@@ -91,6 +93,19 @@ def param_groups(params) -> Any:
                        f"(known top-level scopes: {sorted(PARAM_GROUPS)})")
     return PARAM_GROUPS[top]
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def norm_affine_mask(params, scope: str | None = None) -> Any:
+  """A bool pytree over `params`: True for the scale and bias of normalisation layers (the
+  modules whose parameters are exactly {scale, bias}: batch norm and layer norm), inside the
+  top-level `scope` when given."""
+  def mark(tree, inside):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+      is_norm = set(tree.keys()) == {"scale", "bias"}
+      return {k: (jax.tree_util.tree_map(lambda _: inside, v) if is_norm else mark(v, inside))
+              for k, v in tree.items()}
+    return False
+  return {k: mark(v, scope is None or k == scope) for k, v in params.items()}
 
 
 def class_directions(params) -> jax.Array:
