@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -29,14 +29,20 @@ def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
 
 
 class RunCheckpoints:
-  """Latest (for resuming) and best (by the selection metric) checkpoints of one run."""
+  """Latest (for resuming) and best (by the selection rule) checkpoints of one run: best/, and
+  `extra_best` folders (best_<rule>/: an adaptation's other selection rules), one step each."""
 
-  def __init__(self, workdir: str, keep: int = 4, best_name: str = "best"):
+  def __init__(self, workdir: str, keep: int = 4, best_name: str = "best",
+               extra_best: Sequence[str] = ()):
     self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
     self.best = _manager(os.path.join(workdir, best_name), 1)
+    self.bests = {best_name: self.best}
+    self.bests.update({name: _manager(os.path.join(workdir, name), 1) for name in extra_best})
 
-  def save(self, step: int, state: Any, data_state: dict, meta: dict, best: bool = False) -> None:
-    manager = self.best if best else self.latest
+  def save(self, step: int, state: Any, data_state: dict, meta: dict,
+           best: bool | str = False) -> None:
+    """Into checkpoints/, or with `best` into best/ (True) or the named best folder."""
+    manager = (self.latest if not best else self.best if best is True else self.bests[best])
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
@@ -56,10 +62,13 @@ class RunCheckpoints:
     next latest save leaves best/ ahead of checkpoints/; the rerun recomputes those steps and
     saves them again (orbax refuses to save a step that exists, which would fail every rerun).
     Returns the dropped steps."""
-    dropped = [s for s in self.best.all_steps() if s > step]
-    for s in dropped:
-      self.best.delete(s)
-    return dropped
+    dropped = []
+    for manager in self.bests.values():
+      for s in manager.all_steps():
+        if s > step:
+          manager.delete(s)
+          dropped.append(s)
+    return sorted(set(dropped))
 
   def restore_latest(self, abstract_state: Any):
     """Returns (state, data_state, meta) of the latest checkpoint, or None if there is none."""
@@ -70,7 +79,8 @@ class RunCheckpoints:
 
   def close(self):
     self.latest.close()
-    self.best.close()
+    for manager in self.bests.values():
+      manager.close()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
@@ -122,25 +132,74 @@ def abstract_like(tree: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Run folders: a workdir, its best/ or checkpoints/
 
+# Which checkpoint of a run's workdir: its rule-selected best, one of an adaptation's other rules,
+# the latest, or 'auto': best/ of a source run, the label-free SND selection of an adaptation.
+WHICH = ("auto", "best", "latest", "oracle", "im", "snd")
+# The label-free rule 'auto' takes for an adaptation run (selection.py).
+AUTO_RULE = "snd"
+
+
+def _selected_by(folder: str) -> str | None:
+  """The rule that put the checkpoints of `folder` there (their metadata's `selected_by`)."""
+  try:
+    return read_meta(folder)[1].get("selected_by")
+  except (FileNotFoundError, OSError, ValueError):
+    return None
+
+
+def _stage_of(path: str) -> str | None:
+  for sub in ("best", "checkpoints"):
+    if os.path.isdir(os.path.join(path, sub)):
+      try:
+        return read_meta(os.path.join(path, sub))[1].get("stage")
+      except (FileNotFoundError, OSError, ValueError):
+        continue
+  return None
+
+
 def resolve_run_dir(path: str, which: str = "best", what: str = "checkpoint") -> str:
-  """The checkpoint folder of `path`: a run's workdir (its best/ - the original's
-  best_model.pth - or, with which='latest' or when there is no best/, its checkpoints/), or a
-  checkpoint folder given directly. `what` names the setting in errors."""
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+  """The checkpoint folder of `path`: a run's workdir, or a checkpoint folder given directly.
+  Of a workdir, `which` picks (`what` names the setting in errors):
+    best    its best/ - the original's best_model.pth: the checkpoint of the run's own
+            selection rule (config.data.select_by); its checkpoints/ when it has no best/
+    latest  its checkpoints/
+    oracle, im, snd  the checkpoint an adaptation kept by that rule: best/ when it is the run's
+            own rule, else best_<rule>/ (oracle: the best target accuracy - it uses target labels)
+    auto    best/ of a source run; for an adaptation run the label-free rule AUTO_RULE, said in
+            the log - the default of the tools that use a trained model."""
+  if which not in WHICH:
+    raise ConfigError(f"which={which!r}: expected one of {', '.join(WHICH)}")
   if not path:
     raise ConfigError(f"{what} is empty: name a run's workdir (or its best/ or checkpoints/ "
-                     "folder)")
+                      "folder)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what}={path!r} does not exist")
+  subs = [d for d in ("best", "checkpoints") if os.path.isdir(os.path.join(path, d))]
+  if not subs and not any(d.startswith("best_") for d in os.listdir(path)):
+    return path                       # a checkpoint folder itself
+  if which == "auto":
+    which = AUTO_RULE if _stage_of(path) == "adapt" else "best"
+    if which != "best":
+      logging.warning("%s is an adaptation run: using its checkpoint selected by %s, which uses "
+                      "no target label (ask for another with which=oracle|best|latest|im|snd)",
+                      path, which.upper())
+  if which in ("oracle", "im", "snd"):
+    own = os.path.join(path, f"best_{which}")
+    if os.path.isdir(own):
+      return own
+    if "best" in subs and _selected_by(os.path.join(path, "best")) == which:
+      return os.path.join(path, "best")
+    raise CheckpointError(f"{what}={path!r} holds no checkpoint selected by {which} (it has "
+                          f"{sorted(d for d in os.listdir(path) if d.startswith('best'))}); "
+                          "only adaptation runs keep one per selection rule")
   order = ("best", "checkpoints") if which == "best" else ("checkpoints",)
   for sub in order:
-    if os.path.isdir(os.path.join(path, sub)):
+    if sub in subs:
       if sub != order[0]:
         logging.warning("%s has no %s/ folder: using its latest checkpoint in %s/ instead",
                         path, order[0], sub)
       return os.path.join(path, sub)
-  return path
+  raise CheckpointError(f"{what}={path!r} has no {order[0]}/ folder")
 
 
 def restore_variables(directory: str, model, image_size: int, sharding,

@@ -32,7 +32,10 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       "class_names": FER_CLASSES,
       "train_list": train_list,
       "eval_lists": eval_lists,          # name -> list; evaluated with the test view
-      "select_by": select_by,            # eval set whose accuracy selects the best checkpoint
+      # What selects best/: an eval list whose accuracy does (adaptation: 'target' is the
+      # oracle, it uses target labels), or a label-free score of the target predictions
+      # ('im', 'snd': eercl_jax/selection.py); an adaptation keeps the others' in best_<rule>/.
+      "select_by": select_by,
       "resize": 256,                     # square resize before the crop (aspect not kept)
       "crop": 224,
       "mean": IMAGENET_MEAN,
@@ -100,7 +103,10 @@ def _mode(c: ml_collections.ConfigDict) -> None:
   """What `python -m eercl_jax.main` does with the config (both stages)."""
   c.mode = "train"                       # 'train' | 'eval': score a checkpoint of the workdir
   c.eval = ml_collections.ConfigDict({   # mode='eval' only (eercl_jax/inference.py)
-      "checkpoint": "best",              # 'best' | 'latest' of --workdir, or a run/step folder
+      # Of --workdir: 'auto' (best/ of a source run; of an adaptation the checkpoint selected by
+      # SND, which uses no target label) | 'best' | 'latest' | 'oracle' | 'im' | 'snd'
+      # (checkpoints.resolve_run_dir); or a run's or a checkpoint step's folder.
+      "checkpoint": "auto",
       "lists": "",                       # comma-separated list files ([name=]path); '' = eval_lists
       "output": "",                      # JSON file; '' = WORKDIR/eval/<checkpoint>_step<N>.json
   })
@@ -322,9 +328,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   _require(len(config.data.class_names) == m.num_classes, "data.class_names",
            f"has {len(config.data.class_names)} names but config.model.num_classes is "
            f"{m.num_classes}")
-  _require(config.data.select_by in config.data.eval_lists, "data.select_by",
+  label_free = config.stage == "adapt" and "target" in config.data.eval_lists
+  _require(config.data.select_by in config.data.eval_lists
+           or (label_free and config.data.select_by in ("im", "snd")), "data.select_by",
            f"{config.data.select_by!r} is not one of config.data.eval_lists "
-           f"{sorted(config.data.eval_lists)}")
+           f"{sorted(config.data.eval_lists)}"
+           + (" or a label-free score ('im', 'snd')" if label_free else ""))
   mode = config.mode
   _require(mode in ("train", "eval"), "mode", f"{mode!r}: expected 'train' or 'eval'")
   if mode == "eval":

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from eercl_jax import logs, losses, parallel
+from eercl_jax import logs, losses, parallel, selection
 from eercl_jax.data import lists, pipelines
 
 
@@ -52,8 +52,9 @@ def summarize(confusion: np.ndarray) -> dict:
 
 def format_metrics(name: str, summary: dict, class_names) -> str:
   per = " ".join(f"{c}={a * 100:.1f}" for c, a in zip(class_names, summary["per_class_accuracy"]))
+  free = "".join(f" {k}={summary[k]:.4f}" for k in selection.LABEL_FREE if k in summary)
   return (f"{name}: acc={summary['accuracy'] * 100:.2f} mean_class_acc="
-          f"{summary['mean_class_accuracy'] * 100:.2f} (n={summary['count']}) [{per}]")
+          f"{summary['mean_class_accuracy'] * 100:.2f}{free} (n={summary['count']}) [{per}]")
 
 
 def gather_rows(x: jax.Array) -> np.ndarray:
@@ -118,20 +119,31 @@ class Evaluator:
     batches = self.loader.eval(fer_list, "test", self.batch_size)
     return logs.tty_progress(batches, -(-len(fer_list) // self.batch_size), desc)
 
-  def evaluate(self, variables: dict, evals: dict[str, lists.FerList]) -> dict[str, dict]:
+  def evaluate(self, variables: dict, evals: dict[str, lists.FerList],
+               label_free: Sequence[str] = ()) -> dict[str, dict]:
     """`summarize` of every list of `evals` ({name: list}) with the test view, each image once;
-    the confusion matrix is summed on the devices."""
+    the confusion matrix is summed on the devices. The lists named in `label_free` also get the
+    label-free selection scores of their predictions ('im', 'snd': selection.py)."""
     out = {}
     for name, fl in evals.items():
-      total = None
+      total, probs = None, None
+      if name in label_free:
+        probs = np.zeros((len(fl), len(self.class_names)), np.float32)
       for host in self._batches(fl, f"eval {name}"):
-        b = parallel.shard_batch({k: host[k] for k in ("image", "label", "valid")}, self.mesh)
-        cm = _confusion(self.logits(variables, b["image"]), b["label"], b["valid"],
-                        len(self.class_names))
+        b = parallel.shard_batch({k: host[k] for k in ("image", "label", "valid", "index")},
+                                 self.mesh)
+        logits = self.logits(variables, b["image"])
+        cm = _confusion(logits, b["label"], b["valid"], len(self.class_names))
         total = cm if total is None else total + cm
+        if probs is not None:
+          index, valid = gather_rows(b["index"]), gather_rows(b["valid"])
+          p = np.asarray(jax.nn.softmax(gather_rows(logits).astype(np.float32), -1))
+          probs[index[valid]] = p[valid]
       if total is None:
         raise ValueError(f"{fl.list_path}: evaluation got no batches")
       out[name] = summarize(np.asarray(jax.device_get(total)))
+      if probs is not None:
+        out[name].update(selection.scores(probs))
       logging.info("%s", format_metrics(name, out[name], self.class_names))
     return out
 
@@ -159,6 +171,9 @@ def scalars(results: dict[str, dict]) -> dict[str, float]:
   for name, r in results.items():
     out[f"eval/{name}_accuracy"] = r["accuracy"]
     out[f"eval/{name}_mean_class_accuracy"] = r["mean_class_accuracy"]
+    for key in selection.LABEL_FREE:
+      if key in r:
+        out[f"eval/{name}_{key}"] = r[key]
   return out
 
 

@@ -1,7 +1,8 @@
 """A 2-D map (t-SNE) of the features of the source-only and the adapted model, to a PNG (the
 command: `python -m eercl_jax.tools.feature_map ADAPT_RUN OUT.png`).
 
-ADAPT_RUN is an adaptation run's workdir (its best/ checkpoint unless --which=latest) or a
+ADAPT_RUN is an adaptation run's workdir (by default its checkpoint selected by SND, which uses
+no target label; `which` asks for another: checkpoints.resolve_run_dir) or a
 checkpoint folder. The source-only model is the source run the adaptation started from (its
 recorded `source_checkpoint`, best/), or --source_run. The images are the run's own evaluation
 lists (`config.data.eval_lists`: by default the target and the source test list), seen through
@@ -98,7 +99,7 @@ def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: 
 
 
 def feature_map(adapt_run: str, out_path: str, *, source_run: str | None = None,
-                which: str = "best", list_names: Sequence[str] | None = None,
+                which: str = "auto", list_names: Sequence[str] | None = None,
                 max_per_list: int = 500, perplexity: float = 30.0, seed: int = 0,
                 batch_size: int = 128) -> dict:
   """Draws the map; returns {'path', 'counts' (per list), 'accuracy' {model: {list: acc}}}."""

@@ -41,7 +41,8 @@ CONFUSION_CONVENTION = "rows = true class, columns = predicted class"
 _VIEW_KEYS = ("class_names", "resize", "crop", "mean", "std")
 
 
-def resolve_checkpoint(path: str, which: str = "best", what: str = "checkpoint") -> tuple[str, int]:
+def resolve_checkpoint(path: str, which: str = "auto",
+                       what: str = "checkpoint") -> tuple[str, int]:
   """(orbax folder, step) of `path`: a step folder inside a checkpoint folder, or anything
   `checkpoints.resolve_run_dir` takes (then its latest step)."""
   path = os.path.normpath(path) if path else path
@@ -67,8 +68,20 @@ class Loaded:
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.config.data.class_names)
 
+  @property
+  def selection(self) -> str:
+    """How this checkpoint was chosen among the run's, in words."""
+    rule = self.meta.get("selected_by")
+    if rule is None:
+      return "the latest checkpoint"
+    if rule == "oracle":
+      return "selected by target accuracy (oracle: uses target labels)"
+    if rule in ("im", "snd"):
+      return f"selected by {rule.upper()} (uses no target label)"
+    return f"selected by {rule} accuracy"
 
-def load(path: str, which: str = "best", what: str = "checkpoint", mesh=None,
+
+def load(path: str, which: str = "auto", what: str = "checkpoint", mesh=None,
          batch_size: int | None = None, num_workers: int | None = 0) -> Loaded:
   """The model of a checkpoint (see `resolve_checkpoint`), restored replicated on `mesh`
   (default: every device), with an evaluator of `batch_size` images per batch (default: the
@@ -166,16 +179,16 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """`--config.mode=eval`: scores the checkpoint `config.eval.checkpoint` ('best' / 'latest' of
+  """`--config.mode=eval`: scores the checkpoint `config.eval.checkpoint` (checkpoints.WHICH of
   `workdir`, or a folder) on `config.eval.lists` (default `config.data.eval_lists`); prints the
   metrics and confusion matrices and writes them as JSON. Returns the JSON document."""
   mesh = parallel.create_mesh()
   config_defaults.validate(config, mesh.devices.size, jax.process_count())
   spec = config.eval.checkpoint
-  if spec in ("best", "latest"):
+  if spec in checkpoints.WHICH:
     loaded = load(workdir, spec, what=f"--workdir (config.eval.checkpoint={spec!r})", mesh=mesh)
   else:
-    loaded = load(spec, "best", what="config.eval.checkpoint", mesh=mesh)
+    loaded = load(spec, "auto", what="config.eval.checkpoint", mesh=mesh)
   c = _effective_config(config, loaded.config)
   if config.eval.lists:
     list_paths = parse_lists(config.eval.lists)
@@ -189,7 +202,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   output = config.eval.output or os.path.join(
       workdir, "eval", f"{os.path.basename(os.path.normpath(loaded.directory))}_step"
       f"{loaded.step}.json")
-  lines = [f"checkpoint {loaded.directory} step {loaded.step} ({document['stage']} stage)"]
+  lines = [f"checkpoint {loaded.directory} step {loaded.step} ({document['stage']} stage, "
+           f"{loaded.selection})"]
   for name, r in results.items():
     lines.append(evaluation.format_metrics(name, r, c.data.class_names))
     lines.append(format_confusion(r["confusion"], c.data.class_names))
@@ -205,7 +219,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Prediction of image files (python -m eercl_jax.predict)
 
-def predict_images(checkpoint: str, inputs: Sequence[str], which: str = "best",
+def predict_images(checkpoint: str, inputs: Sequence[str], which: str = "auto",
                    batch_size: int | None = None, num_workers: int = 0) -> dict:
   """Class and probabilities of the image files of `inputs` (files and folders, see
   `images.find_images`) through the checkpoint's own test view; every image is decoded before
@@ -231,4 +245,4 @@ def predict_images(checkpoint: str, inputs: Sequence[str], which: str = "best",
     predictions.append({"path": path, "class": names[k], "index": k,
                         "probabilities": {c: float(v) for c, v in zip(names, p)}})
   return {"checkpoint": os.path.abspath(loaded.directory), "step": loaded.step,
-          "class_names": names, "predictions": predictions}
+          "selection": loaded.selection, "class_names": names, "predictions": predictions}

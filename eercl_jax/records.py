@@ -12,11 +12,18 @@ At the end:
 results.json (accuracies are fractions in 0..1):
 
   {"stage": "source" | "adapt", "seed": int, "config_file": str | null, "workdir": str,
-   "selection": str, "best_step": int, "last_step": int,
+   "method": str | null (the adaptation's method), "selection": str, "best_step": int,
+   "last_step": int,
    "lists": {<eval list name>: {"role": "target" | "source_test" | "source_train" | <name>,
                                 "source_only": {"accuracy", "mean_class_accuracy"} | null,
                                 "best": {"accuracy", "mean_class_accuracy"},
                                 "last": {"accuracy", "mean_class_accuracy"}}},
+   "selections": {<rule>: {"step": int, "value": float | null, "folder": str,
+                           "uses_target_labels": bool,
+                           "lists": {<name>: {"accuracy", "mean_class_accuracy"}}}},
+       rules: the run's own (config.data.select_by: best/), an adaptation's others ('oracle' =
+       target accuracy, 'im', 'snd': best_<rule>/) and 'last' (checkpoints/);
+   "evaluations": [{"step": int, <rule>: value, ...}] - every evaluation's selection values,
    "wall_time_s": float, "devices": {"count": int, "kind": str},
    "versions": {"jax": str, "flax": str, "eercl_jax": str | null}}
 
@@ -132,7 +139,9 @@ def devices(mesh) -> dict:
 
 def results(config, workdir: str, *, selection: str, best_step: int, last_step: int,
             best: Mapping[str, Mapping] | None, last: Mapping[str, Mapping],
-            source_only: Mapping[str, Mapping] | None, wall_time_s: float, mesh) -> dict:
+            source_only: Mapping[str, Mapping] | None, wall_time_s: float, mesh,
+            selections: Mapping[str, Mapping] | None = None,
+            history: list | None = None) -> dict:
   """The results.json document (schema in the module docstring). `best`, `last`, `source_only`
   map list names to evaluation summaries or their `scores`."""
   lists = {}
@@ -146,10 +155,12 @@ def results(config, workdir: str, *, selection: str, best_step: int, last_step: 
   # The target first: it is what a table of a domain-adaptation run is about.
   lists = dict(sorted(lists.items(), key=lambda kv: kv[1]["role"] != "target"))
   return {
-      "stage": config.stage, "seed": int(config.seed), "config_file": config_file(),
+      "stage": config.stage, "method": config.method if config.stage == "adapt" else None,
+      "seed": int(config.seed), "config_file": config_file(),
       "workdir": os.path.abspath(workdir), "selection": selection, "best_step": int(best_step),
-      "last_step": int(last_step), "lists": lists, "wall_time_s": float(wall_time_s),
-      "devices": devices(mesh), "versions": versions(),
+      "last_step": int(last_step), "lists": lists,
+      "selections": dict(selections or {}), "evaluations": list(history or []),
+      "wall_time_s": float(wall_time_s), "devices": devices(mesh), "versions": versions(),
   }
 
 

@@ -49,7 +49,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
-                       pictures, records)
+                       pictures, records, selection)
 from eercl_jax.data import host, pipelines, run_lists
 from eercl_jax.models import registry
 
@@ -156,11 +156,27 @@ def non_finite_paths(tree) -> list[str]:
 
 @dataclasses.dataclass
 class Best:
-  """The best evaluation so far by `config.data.select_by` (value -1: none yet), with the
-  scores of every list at that step ({name: {'accuracy', 'mean_class_accuracy'}})."""
+  """The best evaluation so far by one selection rule (step -1: none yet), with the scores of
+  every list at that step ({name: {'accuracy', 'mean_class_accuracy'}})."""
   value: float = -1.0
   step: int = -1
   lists: dict = dataclasses.field(default_factory=dict)
+
+  def improved_by(self, value: float) -> bool:
+    # Ties go to the later checkpoint, as the original's ClsBestAccuracyByTest.
+    return self.step < 0 or value >= self.value
+
+
+def selection_rule(select_by: str) -> str:
+  """The selection rule of `config.data.select_by`: 'oracle' for the accuracy of the target
+  list (it uses target labels), a label-free score's name, or the named list's accuracy."""
+  return "oracle" if select_by == "target" else select_by
+
+
+def best_folder(rule: str, main_rule: str) -> str:
+  """The checkpoint folder of a rule's best step: best/ for the run's own rule
+  (config.data.select_by), best_<rule>/ for the others an adaptation run keeps."""
+  return "best" if rule == main_rule else f"best_{rule}"
 
 
 class Run:
@@ -173,11 +189,15 @@ class Run:
                   rather than a mean of per-step ratios.
   selection_note: appended where the best checkpoint's selection is reported (the adaptation's
                   selection by target accuracy uses target labels: an oracle).
+  label_free:     keep, beside the `config.data.select_by` rule (best/), a best checkpoint by
+                  every other rule of an adaptation: the oracle (target accuracy) and the
+                  label-free scores of selection.py, logged at every evaluation (best_<rule>/).
   """
 
   def __init__(self, config, workdir: str, stage: str,
                log_keys: Sequence[tuple[str, str, str]] = (("train/loss", "loss", ".4f"),),
-               ratios: Mapping[str, tuple[str, str]] | None = None, selection_note: str = ""):
+               ratios: Mapping[str, tuple[str, str]] | None = None, selection_note: str = "",
+               label_free: bool = False):
     self.config, self.workdir, self.stage = config, workdir, stage
     self.log_keys, self.selection_note = tuple(log_keys), selection_note
     self.ratios = dict(ratios or {})
@@ -190,8 +210,16 @@ class Run:
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
     self._record_config(config, workdir)
-    self.ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-    self.best = Best()
+    self.main_rule = selection_rule(config.data.select_by)
+    self.rules = [self.main_rule]
+    if label_free:
+      self.rules += [r for r in ("oracle", *selection.LABEL_FREE) if r != self.main_rule]
+    self.ckpt = checkpoints.RunCheckpoints(
+        workdir, keep=config.keep_checkpoints,
+        extra_best=[best_folder(r, self.main_rule) for r in self.rules[1:]])
+    self.best = Best()                 # by the run's own rule (best/)
+    self.bests = {r: Best() for r in self.rules[1:]}
+    self.history: list[dict] = []      # every evaluation's selection values
     self.start_step = 0
     self.results: dict[str, dict] = {}
     self._running = logs.MeanMetrics()
@@ -254,6 +282,9 @@ class Run:
       checkpoints.check_resume_config(meta.get("config", {}), self.config, latest, str(where))
       state, data, meta = self.ckpt.restore_latest(checkpoints.abstract_like(state))
       self.best = Best(**meta.get("best", {}))
+      self.bests.update({r: Best(**b) for r, b in meta.get("selections", {}).items()
+                         if r in self.bests})
+      self.history = list(meta.get("history", []))
       self._elapsed_before = float(meta.get("elapsed_s", 0.0))
       if record is not None:
         fields = {f.name for f in dataclasses.fields(record)}
@@ -331,8 +362,10 @@ class Run:
     return scalars
 
   def evaluate(self, step: int, variables: dict, save_confusions: bool = True) -> dict:
-    """Scores `variables` on every evaluation list; writes the scalars (and confusions)."""
-    results = self.evaluator.evaluate(variables, self._evals)
+    """Scores `variables` on every evaluation list (and the label-free scores of the target's
+    predictions, when the run keeps them); writes the scalars (and confusions)."""
+    label_free = ("target",) if len(self.rules) > 1 else ()
+    results = self.evaluator.evaluate(variables, self._evals, label_free=label_free)
     self.writer.write_scalars(step, evaluation.scalars(results))
     if jax.process_index() == 0:   # the confusion images and per-class scalars
       pictures.write_evaluation(self.writer, step, results, self.config.data.class_names)
@@ -366,19 +399,38 @@ class Run:
         + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         + f"; the last good checkpoint in {self.ckpt.latest.directory} is kept")
 
+  def rule_value(self, rule: str, results: dict) -> float:
+    """The value a selection rule maximises in an evaluation's `results`."""
+    if rule == "oracle":
+      return results["target"]["accuracy"]
+    if rule in selection.LABEL_FREE:
+      return results["target"][rule]
+    return results[rule]["accuracy"]
+
   def evaluate_and_select(self, step: int, state: Any, record: Any = None) -> dict:
     self.check_finite(step, state)
-    select_by = self.config.data.select_by
     self.results = self.evaluate(step, _variables(state))
-    value = self.results[select_by]["accuracy"]
-    if value >= self.best.value:   # ties -> the later checkpoint, as the original
-      self.best = Best(value, step, {k: records.scores(r) for k, r in self.results.items()})
+    lists = {k: records.scores(r) for k, r in self.results.items()}
+    values = {rule: self.rule_value(rule, self.results) for rule in self.rules}
+    self.history.append({"step": step, **values})
+    for rule, value in values.items():
+      best = self.best if rule == self.main_rule else self.bests[rule]
+      if not best.improved_by(value):
+        continue
+      best = Best(value, step, lists)
+      if rule == self.main_rule:
+        self.best = best
+      else:
+        self.bests[rule] = best
       self.ckpt.save(step, state, {"iterator": None},
-                     self._meta(step, record, selected_by=select_by,
-                                selection=self.selection_note or select_by), best=True)
-    logging.info("step %d: %s accuracy %.4f; best %.4f at step %d%s", step, select_by, value,
-                 self.best.value, self.best.step,
-                 f" ({self.selection_note})" if self.selection_note else "")
+                     self._meta(step, record, selected_by=rule,
+                                selection=describe_rule(rule)),
+                     best=best_folder(rule, self.main_rule))
+    shown = "; ".join(
+        f"{describe_rule(r)} {v:.4f} (best {b.value:.4f} at step {b.step})"
+        for r, v, b in ((r, values[r], self.best if r == self.main_rule else self.bests[r])
+                        for r in self.rules))
+    logging.info("step %d selection: %s", step, shown)
     return self.results
 
   def save(self, step: int, state: Any, iterator: Any, record: Any = None) -> None:
@@ -388,7 +440,9 @@ class Run:
     self.ckpt.save(step, state, data, self._meta(step, record))
 
   def _meta(self, step: int, record: Any, **extra) -> dict:
-    meta = {"best": dataclasses.asdict(self.best), "elapsed_s": self._elapsed(), **extra}
+    meta = {"best": dataclasses.asdict(self.best), "elapsed_s": self._elapsed(),
+            "selections": {r: dataclasses.asdict(b) for r, b in self.bests.items()},
+            "history": self.history, **extra}
     if record is not None:
       meta.update(dataclasses.asdict(record))
     return checkpoints.run_meta(self.config, step, meta)
@@ -404,17 +458,27 @@ class Run:
     self.ckpt.close()
     self.lock.release()
     if not self.results:   # resumed after the last step: evaluate once for the summary
-      self.results = self.evaluator.evaluate(_variables(state), self._evals)
+      self.results = self.evaluator.evaluate(
+          _variables(state), self._evals, label_free=("target",) if len(self.rules) > 1 else ())
     final = {name: r["accuracy"] for name, r in self.results.items()}
     select_by, note = self.config.data.select_by, self.selection_note
     best = (f"best {select_by} {self.best.value * 100:.2f}% at step {self.best.step}"
             + (f" ({note})" if note else ""))
     pairs = None if source_only is None else dict(source_only)
+    last_step = int(jax.device_get(state.step))
+    selections = {r: {"step": b.step, "value": b.value, "folder": best_folder(r, self.main_rule),
+                      "uses_target_labels": r == "oracle", "lists": b.lists}
+                  for r, b in ((r, self.best if r == self.main_rule else self.bests[r])
+                               for r in self.rules)}
+    selections["last"] = {"step": last_step, "value": None, "folder": "checkpoints",
+                          "uses_target_labels": False,
+                          "lists": {k: records.scores(r) for k, r in self.results.items()}}
     document = records.results(
         self.config, self.workdir, selection=f"best {select_by} accuracy"
         + (f" ({note})" if note else ""), best_step=self.best.step,
-        last_step=int(jax.device_get(state.step)), best=self.best.lists or None,
-        last=self.results, source_only=pairs, wall_time_s=self._elapsed(), mesh=self.mesh)
+        last_step=last_step, best=self.best.lists or None,
+        last=self.results, source_only=pairs, wall_time_s=self._elapsed(), mesh=self.mesh,
+        selections=selections, history=self.history)
     path = records.write_results(self.workdir, document)
     summary = "; ".join(self._summary_part(name, entry, pairs is not None)
                         for name, entry in document["lists"].items())
@@ -476,6 +540,15 @@ class Run:
     self.ckpt.close()
     self.lock.release()
     raise Preempted(self._stop_signal or signal.SIGTERM, step)
+
+
+def describe_rule(rule: str) -> str:
+  """A rule's name in logs and results: the oracle says that it uses target labels."""
+  if rule == "oracle":
+    return "target accuracy (oracle: uses target labels)"
+  if rule in selection.LABEL_FREE:
+    return f"{rule} (label-free)"
+  return f"{rule} accuracy"
 
 
 def _variables(state) -> dict:

@@ -146,8 +146,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Adapts the source model with `config.method`; resumes from the latest checkpoint in
   `workdir`."""
   method = methods.create(config)
+  oracle = config.data.select_by == "target"
   run = Run(config, workdir, "adapt", log_keys=method.log_keys, ratios=method.ratios,
-            selection_note="oracle selection: uses target labels")
+            selection_note="oracle selection: uses target labels" if oracle else "",
+            label_free="target" in config.data.eval_lists)
   target_list, evals = run.read_lists()
   variables, _ = load_source_variables(config, eercl.create_model(config.model), run.mesh)
   stage = build(config, run.mesh, variables, len(target_list))

@@ -19,8 +19,9 @@ from eercl_jax.data import lists
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
 
-RESULTS_KEYS = {"stage", "seed", "config_file", "workdir", "selection", "best_step", "last_step",
-                "lists", "wall_time_s", "devices", "versions"}
+RESULTS_KEYS = {"stage", "method", "seed", "config_file", "workdir", "selection", "best_step",
+                "last_step", "lists", "selections", "evaluations", "wall_time_s", "devices",
+                "versions"}
 
 
 def _json(path):

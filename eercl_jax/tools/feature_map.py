@@ -2,7 +2,7 @@
 library: eercl_jax/feature_map.py, whose docstring says what is drawn).
 
   python -m eercl_jax.tools.feature_map runs/raf2expw feature_map.png [--source_run=RUN]
-      [--which=best|latest] [--lists=target,source] [--max_per_list=500] [--perplexity=30]
+      [--which=auto|best|latest|oracle|im|snd] [--lists=target,source] [--max_per_list=500] [--perplexity=30]
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("out", metavar="OUT.png")
   parser.add_argument("--source_run", default=None, help="the source-only model's run (default: "
                       "the adaptation's recorded source_checkpoint)")
-  parser.add_argument("--which", choices=("best", "latest"), default="best",
-                      help="checkpoint of ADAPT_RUN to map")
+  parser.add_argument("--which", choices=("auto", "best", "latest", "oracle", "im", "snd"),
+                      default="auto", help="checkpoint of ADAPT_RUN to map (default auto: the "
+                      "label-free SND selection)")
   parser.add_argument("--lists", default=None,
                       help="comma-separated evaluation lists of the run to map (default: all)")
   parser.add_argument("--max_per_list", type=int, default=500,

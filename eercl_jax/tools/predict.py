@@ -25,6 +25,8 @@ from typing import Sequence
 
 from eercl_jax.tools import cli
 
+WHICH = ("auto", "best", "latest", "oracle", "im", "snd")   # = checkpoints.WHICH (no jax here)
+
 FORMATS = ("table", "json", "csv")
 
 
@@ -49,7 +51,8 @@ def render(document: dict, fmt: str) -> str:
   widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
   line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths)))
-  return "\n".join([f"checkpoint {document['checkpoint']} step {document['step']}",
+  return "\n".join([f"checkpoint {document['checkpoint']} step {document['step']} "
+                    f"({document['selection']})",
                     line(header), *(line(b) for b in body)])
 
 
@@ -60,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
   parser.add_argument("--checkpoint", required=True, help="a run's workdir, checkpoint folder "
                       "or step folder")
-  parser.add_argument("--which", choices=("best", "latest"), default="best",
-                      help="checkpoint of a workdir (default best)")
+  parser.add_argument("--which", choices=WHICH, default="auto",
+                      help="checkpoint of a workdir: auto (default: best/ of a source run, the "
+                           "label-free SND selection of an adaptation), best, latest, oracle "
+                           "(best target accuracy: uses target labels), im, snd")
   parser.add_argument("--format", choices=FORMATS, default="table")
   parser.add_argument("--batch_size", type=int, default=0,
                       help="global batch (default: the run's eval_batch_size)")
