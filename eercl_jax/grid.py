@@ -37,6 +37,14 @@ SBATCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "launch", "sweep.sbatch")
 
 
+def sbatch_script() -> str:
+  """The array task script: launch/sweep.sbatch of the clone the package runs from (in place or
+  `pip install -e .`); a copy installed by `pip install .` has no launch/ beside it, so then the
+  working directory's (a clone's root)."""
+  here = os.path.abspath(os.path.join("launch", "sweep.sbatch"))
+  return SBATCH_SCRIPT if os.path.isfile(SBATCH_SCRIPT) or not os.path.isfile(here) else here
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   name: str                      # the run's folder name under the root
@@ -140,15 +148,16 @@ def slurm_plan(root: str, source_runs, adapt_runs, *, gpus_per_run: int, sbatch_
   logs = os.path.join(root, "logs")
   throttle = f"%{max_parallel}" if max_parallel else ""
   common = ["sbatch", "--parsable", f"--gpus={gpus_per_run}", *shlex.split(sbatch_args)]
+  script = sbatch_script()
   plan = [("source", common + [f"--array=0-{len(source_runs) - 1}{throttle}",
                                "--job-name=eercl_source",
                                f"--output={logs}/%x_%A_%a.out",
-                               SBATCH_SCRIPT, os.path.join(sweep_dir, "source.tsv")])]
+                               script, os.path.join(sweep_dir, "source.tsv")])]
   for label in adapt_runs:
     plan.append((label, common + [f"--array=0-{len(source_runs) - 1}{throttle}",
                                   "--dependency=aftercorr:{source}", f"--job-name=eercl_{label}",
                                   f"--output={logs}/%x_%A_%a.out",
-                                  SBATCH_SCRIPT, os.path.join(sweep_dir, f"{label}.tsv")]))
+                                  script, os.path.join(sweep_dir, f"{label}.tsv")]))
   deps = ":".join("{" + label + "}" for label in adapt_runs) or "{source}"
   summarize = (f"{shlex.quote(python)} -m eercl_jax.summarize "
                f"--out={shlex.quote(os.path.join(root, 'summary'))} "
@@ -173,6 +182,9 @@ def submit_slurm(root: str, source_runs, adapt_runs, *, dry_run: bool, **plan_kw
       dep = f"   (after source task {i}: {run.after})" if run.after else ""
       print(f"#   [{i}] {run.command()}{dep}")
   if not dry_run:
+    if not os.path.isfile(sbatch_script()):
+      raise UserError(f"{SBATCH_SCRIPT} not found: this installed copy has no launch/; run "
+                      "--mode=slurm from a clone's root (or `pip install -e .` the clone)")
     os.makedirs(os.path.join(root, "sweep"), exist_ok=True)
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     write_task_file(os.path.join(root, "sweep", "source.tsv"), source_runs)

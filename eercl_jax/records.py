@@ -32,6 +32,7 @@ results.json (accuracies are fractions in 0..1):
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -123,12 +124,24 @@ def scores(summary: Mapping | None) -> dict | None:
 def versions() -> dict[str, str | None]:
   import flax  # pylint: disable=import-outside-toplevel
   here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    describe = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
-                              capture_output=True, text=True, timeout=10, check=True)
-    code = describe.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    code = None
+  code = None
+  # The commit of a clone (run in place or `pip install -e .`); an installed copy (`pip install
+  # .`) says its package version instead: a git folder around site-packages (a venv inside some
+  # repository) is not the code's.
+  if os.path.exists(os.path.join(os.path.dirname(here), ".git")):
+    try:
+      describe = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
+                                capture_output=True, text=True, timeout=10, check=True)
+      code = describe.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+      pass
+  if code is None:
+    try:
+      dist = importlib.metadata.distribution("eercl-jax")
+      if os.path.dirname(os.path.abspath(dist.locate_file("eercl_jax/__init__.py"))) == here:
+        code = f"{dist.version} (installed)"
+    except importlib.metadata.PackageNotFoundError:
+      pass
   return {"jax": jax.__version__, "flax": flax.__version__, "eercl_jax": code}
 
 

@@ -32,6 +32,9 @@ def parse_flags(argv: Sequence[str], config_flag=None, flag_name: str = "config"
   """absl's flag parsing (`flags.FLAGS(argv)`), then the config file is loaded (config_flags
   defers a missing file's error until the value is read); any failure is printed as one line
   on stderr and exits with `constants.EXIT_USAGE`. Returns the positional arguments."""
+  path, _ = config_arguments(argv, flag_name)
+  if path is not None:
+    import_configs_beside(path)
   try:
     try:
       rest = flags.FLAGS(list(argv))
@@ -40,7 +43,8 @@ def parse_flags(argv: Sequence[str], config_flag=None, flag_name: str = "config"
         config_flag.value.keys()
     except flags.Error as e:
       raise UsageProblem(_problem(argv, flag_name) or f"{e}") from None
-    except (AttributeError, KeyError, OSError, ValueError, TypeError, SyntaxError) as e:
+    except (AttributeError, KeyError, OSError, ValueError, TypeError, SyntaxError,
+            ImportError) as e:   # ImportError: the config file's own imports
       raise UsageProblem(_problem(argv, flag_name) or _one_line(e)) from None
   except UsageProblem as e:
     fail(str(e))
@@ -173,10 +177,32 @@ def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> list[
   return [c for r, c in scored if r >= cutoff and r == best]
 
 
+def import_configs_beside(path: str) -> None:
+  """Makes `from configs import X` in the config file `path` (`file.py[:argument]`) import the X
+  beside that file: when the file lies in a package (configs/ of a clone, which has an
+  __init__.py), the folder above the package goes first on sys.path.
+
+  `python -m eercl_jax.main` run from a clone's root has that folder first already (python puts
+  the working directory there); a console script (`eercl-train`) has its bin/ folder there
+  instead, so without this `from configs import ...` would find the copy `pip install .`
+  installed (the clone's edits unseen) or, from another folder, nothing. A config file outside a
+  package changes nothing: its `from configs import ...` gets the installed configs.
+  docs/install.md has the cases."""
+  file = os.path.abspath(path.partition(":")[0])
+  folder = os.path.dirname(file)
+  if not (os.path.isfile(file) and os.path.isfile(os.path.join(folder, "__init__.py"))):
+    return
+  while os.path.isfile(os.path.join(folder, "__init__.py")):
+    folder = os.path.dirname(folder)
+  if not sys.path or os.path.abspath(sys.path[0] or ".") != folder:
+    sys.path.insert(0, folder)
+
+
 def load_config_file(path: str):
   """The ConfigDict a config file's `get_config()` (or `get_config(arg)` for `file.py:arg`)
   returns, loaded as config_flags loads it."""
   file, _, arg = path.partition(":")
+  import_configs_beside(file)
   spec = importlib.util.spec_from_file_location("_eercl_config_check", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

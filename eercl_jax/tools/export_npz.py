@@ -30,7 +30,8 @@ def run() -> None:
                                   "model description.", lock_config=True)
   flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to export.")
   flags.DEFINE_integer("step", None, "Step to export (default: the folder's latest).")
-  app.run(main)
+  # The optional --config is loaded as main.py's is (cli.parse_flags: its `from configs import`).
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,13 @@ def main(argv):
 def run() -> None:
   # Flags defined here, not at import, so tests and other entry points can import this module.
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Config whose `model` (and data.crop, class "
-                                  "names) describe the network.", lock_config=True)
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config whose `model` (and data.crop, class names) describe the network.",
+      lock_config=True)
   flags.DEFINE_integer("step", None, "Step to record (default: the original scheduler's "
                        "last_epoch, else 0).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config))
 
 
 if __name__ == "__main__":
