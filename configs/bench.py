@@ -92,6 +92,9 @@ def get_config(arg: str = "cpu"):
   if first.endswith(".py"):              # a training config: its own stage only
     stage = _load(first)
     stage.model.init_from = ""
+    for key in config_defaults.unset_from_source(stage):   # no source run: its defaults
+      group, field = key.split(".")
+      stage[group][field] = source.get_config()[group][field]
     c.bench = _settings("vit_b16_224")
     c.bench.stages = stage.stage
     c[stage.stage] = stage
@@ -101,6 +104,9 @@ def get_config(arg: str = "cpu"):
       c.source, c.adapt = demo_source.get_config(), demo_adapt.get_config()
     else:
       c.source, c.adapt = _real(source.get_config()), _real(adapt.get_config("target=bench"))
+    for key in config_defaults.FROM_SOURCE:   # the adaptation of that source model
+      group, field = key.split(".")
+      c.adapt[group][field] = c.source[group][field]
   else:
     raise ValueError(f"configs/bench.py: unknown preset {first!r}; expected one of {PRESETS} "
                      "or a training config file")
