@@ -10,8 +10,9 @@ at once. Every run is named after its configs and seed:
     ROOT/source_<src>_seed<k>        the source run of seed k
     ROOT/<src>2<tgt>_seed<k>         its adaptation to <tgt>, started from ROOT/source_<src>_seed<k>
 
-`--mode=slurm` submits the source runs as one SLURM array and, per target, the adaptation runs as
-an array whose task i waits for source task i (`--dependency=aftercorr`), then a summary job.
+`--mode=slurm` submits, per source config, its runs (one per seed) as one SLURM array, and per
+source and target the adaptation runs as an array whose task i waits for task i of its own
+source's array, the run of the same seed (`--dependency=aftercorr`), then a summary job.
 `--mode=local` runs the same grid on this machine, one run per GPU (or per group of
 `--gpus_per_run` GPUs), queueing the rest. Both skip runs that finished (their `results.json`
 exists) and resume interrupted ones (rerunning a run's command resumes its workdir). At the end
@@ -73,11 +74,34 @@ def _named(spec: str, prefix: str) -> tuple[str, str]:
   return name, path
 
 
+@dataclasses.dataclass(frozen=True)
+class Array:
+  """Runs submitted as one SLURM array: task i is runs[i]. An adaptation array waits task by
+  task for the source array `after` (`--dependency=aftercorr`): its task i starts from the run
+  of task i of that array (build_grid makes both follow the seeds)."""
+  label: str                     # ROOT/sweep/<label>.tsv, job name eercl_<label>
+  runs: tuple[Job, ...]
+  after: Optional[str] = None    # the label of the source array
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  root: str
+  arrays: tuple[Array, ...]      # the source arrays first
+
+  def runs(self) -> list[Job]:
+    """Every run, each source run before the adaptations that start from it."""
+    return [run for array in self.arrays for run in array.runs]
+
+  def array(self, label: str) -> Array:
+    return next(a for a in self.arrays if a.label == label)
+
+
 def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds: Sequence[int],
                python: str = sys.executable, source_args: str = "",
-               adapt_args: str = "") -> tuple[list[Job], dict[str, list[Job]]]:
-  """(source runs, {target label: its adaptation runs}); the i-th adaptation run of every target
-  starts from the i-th source run (the order SLURM's aftercorr dependency relies on)."""
+               adapt_args: str = "") -> Grid:
+  """One source array per source config (a task per seed) and, per source and target, one
+  adaptation array whose task i starts from task i of its source's array (the same seed)."""
   if not sources:
     raise UserError("--sources: at least one source config is needed")
   if len(set(seeds)) != len(seeds):
@@ -89,29 +113,34 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
     if len(set(names)) != len(names):
       raise UserError(f"two {kind} configs share a name in {names}: name them NAME=PATH")
   main = (python, "-m", "eercl_jax.main")
-  source_runs = []
+  arrays = []
   for s_name, s_path in src:
+    runs = []
     for seed in seeds:
       name = f"source_{s_name}_seed{seed}"
       workdir = os.path.join(root, name)
-      source_runs.append(Job(name, workdir, main + (f"--config={s_path}", f"--workdir={workdir}",
-                                                    f"--config.seed={seed}",
-                                                    *shlex.split(source_args))))
-  adapt_runs = {}
+      runs.append(Job(name, workdir, main + (f"--config={s_path}", f"--workdir={workdir}",
+                                             f"--config.seed={seed}",
+                                             *shlex.split(source_args))))
+    arrays.append(Array(f"source_{s_name}", tuple(runs)))
   for t_name, t_path in tgt:
     for s_name, _ in src:
       label = f"{s_name}2{t_name}"
-      adapt_runs[label] = []
+      runs = []
       for seed in seeds:
         source = os.path.join(root, f"source_{s_name}_seed{seed}")
         name = f"{label}_seed{seed}"
         workdir = os.path.join(root, name)
-        adapt_runs[label].append(Job(
+        runs.append(Job(
             name, workdir, main + (f"--config={t_path}", f"--workdir={workdir}",
                                    f"--config.seed={seed}", f"--config.source_checkpoint={source}",
                                    *shlex.split(adapt_args)),
             after=f"source_{s_name}_seed{seed}"))
-  return source_runs, adapt_runs
+      arrays.append(Array(label, tuple(runs), after=f"source_{s_name}"))
+  labels = [a.label for a in arrays]
+  if len(set(labels)) != len(labels):
+    raise UserError(f"two arrays share a name in {labels}: name the configs NAME=PATH")
+  return Grid(root, tuple(arrays))
 
 
 def summary_argv(root: str, runs: Sequence[Job], python: str = sys.executable) -> list[str]:
@@ -132,24 +161,30 @@ def write_task_file(path: str, runs: Sequence[Job]) -> None:
       f.write(f"{run.workdir}\t{run.command()}\n")
 
 
-def slurm_plan(root: str, source_runs, adapt_runs, *, gpus_per_run: int, sbatch_args: str,
-               max_parallel: int, python: str) -> list[tuple[str, list[str]]]:
-  """The sbatch calls, in order, as (job label, argv); '{label}' in a dependency is filled in
-  with that job's id when it is submitted."""
+def slurm_plan(grid: Grid, *, gpus_per_run: int, sbatch_args: str, max_parallel: int,
+               python: str) -> list[tuple[str, list[str]]]:
+  """The sbatch calls, in order, as (array label, argv): the source arrays, the adaptation
+  arrays, the summary. '{label}' in a dependency is filled in with that array's job id when it
+  is submitted. Array sizes are the task files' line counts; the task i of an adaptation array
+  waits for task i of its source's array (aftercorr), which trains the run it starts from."""
+  root = grid.root
   sweep_dir = os.path.join(root, "sweep")
   logs = os.path.join(root, "logs")
   throttle = f"%{max_parallel}" if max_parallel else ""
   common = ["sbatch", "--parsable", f"--gpus={gpus_per_run}", *shlex.split(sbatch_args)]
-  plan = [("source", common + [f"--array=0-{len(source_runs) - 1}{throttle}",
-                               "--job-name=eercl_source",
-                               f"--output={logs}/%x_%A_%a.out",
-                               SBATCH_SCRIPT, os.path.join(sweep_dir, "source.tsv")])]
-  for label in adapt_runs:
-    plan.append((label, common + [f"--array=0-{len(source_runs) - 1}{throttle}",
-                                  "--dependency=aftercorr:{source}", f"--job-name=eercl_{label}",
-                                  f"--output={logs}/%x_%A_%a.out",
-                                  SBATCH_SCRIPT, os.path.join(sweep_dir, f"{label}.tsv")]))
-  deps = ":".join("{" + label + "}" for label in adapt_runs) or "{source}"
+  plan = []
+  for array in grid.arrays:
+    if array.after:
+      source = grid.array(array.after)
+      for run, src in zip(array.runs, source.runs, strict=True):
+        if run.after != src.name:   # the pairing aftercorr relies on
+          raise AssertionError(f"{run.name} starts from {run.after}, not {src.name}")
+    dep = ["--dependency=aftercorr:{" + array.after + "}"] if array.after else []
+    plan.append((array.label, common + [f"--array=0-{len(array.runs) - 1}{throttle}", *dep,
+                                        f"--job-name=eercl_{array.label}",
+                                        f"--output={logs}/%x_%A_%a.out", SBATCH_SCRIPT,
+                                        os.path.join(sweep_dir, f"{array.label}.tsv")]))
+  deps = ":".join("{" + a.label + "}" for a in grid.arrays)
   summarize = (f"{shlex.quote(python)} -m eercl_jax.summarize "
                f"--out={shlex.quote(os.path.join(root, 'summary'))} "
                f"{shlex.quote(root)}/*_seed*")
@@ -165,19 +200,18 @@ def _fill(arg: str, ids: dict) -> str:
   return arg
 
 
-def submit_slurm(root: str, source_runs, adapt_runs, *, dry_run: bool, **plan_kwargs) -> None:
-  plan = slurm_plan(root, source_runs, adapt_runs, **plan_kwargs)
-  for label, runs in [("source", source_runs)] + list(adapt_runs.items()):
-    print(f"# array {label}:")
-    for i, run in enumerate(runs):
-      dep = f"   (after source task {i}: {run.after})" if run.after else ""
+def submit_slurm(grid: Grid, *, dry_run: bool, **plan_kwargs) -> None:
+  plan = slurm_plan(grid, **plan_kwargs)
+  for array in grid.arrays:
+    print(f"# array {array.label}:")
+    for i, run in enumerate(array.runs):
+      dep = f"   (after {array.after} task {i}: {run.after})" if run.after else ""
       print(f"#   [{i}] {run.command()}{dep}")
   if not dry_run:
-    os.makedirs(os.path.join(root, "sweep"), exist_ok=True)
-    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
-    write_task_file(os.path.join(root, "sweep", "source.tsv"), source_runs)
-    for label, runs in adapt_runs.items():
-      write_task_file(os.path.join(root, "sweep", f"{label}.tsv"), runs)
+    os.makedirs(os.path.join(grid.root, "sweep"), exist_ok=True)
+    os.makedirs(os.path.join(grid.root, "logs"), exist_ok=True)
+    for array in grid.arrays:
+      write_task_file(os.path.join(grid.root, "sweep", f"{array.label}.tsv"), array.runs)
   ids = {}
   for label, argv in plan:
     argv = [_fill(a, ids) if a.startswith("--dependency=") else a for a in argv]

@@ -3,6 +3,7 @@ the array script under a fake SLURM environment, and the one-machine runner on t
 (interrupted, rerun, summarised)."""
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -40,15 +41,16 @@ def test_dry_run_prints_every_command_and_dependency(tmp_path):
     for tgt in ("ck", "jaffe"):
       assert (f"py -m eercl_jax.main --config=configs/adapt_{tgt}.py "
               f"--workdir={root}/raf2{tgt}_seed{seed} --config.seed={seed} "
-              f"--config.source_checkpoint={src}   (after source task {seed - 1}: "
+              f"--config.source_checkpoint={src}   (after source_raf task {seed - 1}: "
               f"source_raf_seed{seed})") in out
   sbatch = [line for line in out.splitlines() if line.startswith("sbatch")]
   assert len(sbatch) == 4  # sources, one array per target, the summary
-  assert "--array=0-1" in sbatch[0] and sbatch[0].endswith(f"{SBATCH} {root}/sweep/source.tsv")
+  assert "--array=0-1" in sbatch[0] and sbatch[0].endswith(f"{SBATCH} {root}/sweep/source_raf.tsv")
   for line, tgt in zip(sbatch[1:3], ("ck", "jaffe")):
-    assert "--dependency=aftercorr:<source job id>" in line
+    assert "--dependency=aftercorr:<source_raf job id>" in line
     assert line.endswith(f"{root}/sweep/raf2{tgt}.tsv")
-  assert "--dependency=afterany:<raf2ck job id>:<raf2jaffe job id>" in sbatch[3]
+  assert ("--dependency=afterany:<source_raf job id>:<raf2ck job id>:<raf2jaffe job id>"
+          in sbatch[3])
   assert f"eercl_jax.summarize --out={root}/summary {root}/*_seed*" in sbatch[3]
   assert not root.exists()  # nothing written, nothing run
 
@@ -98,15 +100,83 @@ def test_submission_chains_the_arrays_with_real_job_ids(tmp_path):
   assert all("--partition=gpu --time=2:00:00" in line for line in submitted)
   assert "--array=0-1%3" in submitted[0]
   assert "--dependency=aftercorr:101" in submitted[1] and "--dependency=aftercorr:101" in submitted[2]
-  assert "--dependency=afterany:102:103" in submitted[3]
+  assert "--dependency=afterany:101:102:103" in submitted[3]
   # The task files: line i = array task i (workdir, tab, command); adaptation i <- source i.
-  source_tasks = (root / "sweep" / "source.tsv").read_text().splitlines()
+  source_tasks = (root / "sweep" / "source_raf.tsv").read_text().splitlines()
   ck_tasks = (root / "sweep" / "raf2ck.tsv").read_text().splitlines()
   for i, (s, a) in enumerate(zip(source_tasks, ck_tasks)):
     s_dir, s_cmd = s.split("\t")
     a_dir, a_cmd = a.split("\t")
     assert s_dir == f"{root}/source_raf_seed{i + 1}" and f"--config.seed={i + 1}" in s_cmd
     assert a_dir == f"{root}/raf2ck_seed{i + 1}" and f"--config.source_checkpoint={s_dir}" in a_cmd
+
+
+def _fake_sbatch(tmp_path):
+  """A fake sbatch on PATH: appends its argv (JSON) to a file, answers job ids 101, 102, ...;
+  returns (environment, the calls file)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  calls = tmp_path / "sbatch_calls.jsonl"
+  _fake_bin(bin_dir, "sbatch",
+            f'n=$(( $(cat {calls} 2>/dev/null | wc -l) + 101 ))\n'
+            f'python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" >> {calls}\n'
+            'echo "$n;cluster"\n')
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+
+
+def _submitted(calls):
+  """Each sbatch call: its job id, argv and --options as a dict."""
+  out = []
+  for n, line in enumerate(calls.read_text().splitlines()):
+    argv = json.loads(line)
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    out.append({"id": str(101 + n), "argv": argv, "opts": opts})
+  return out
+
+
+def _tasks(job):
+  """The task file of an array submission, as [(workdir, command)]; checks that the array has
+  one task per line."""
+  with open(job["argv"][-1], encoding="utf-8") as f:
+    lines = [line.split("\t") for line in f.read().splitlines()]
+  last = re.fullmatch(r"0-(\d+)(%\d+)?", job["opts"]["array"]).group(1)
+  assert int(last) + 1 == len(lines), (job["opts"]["job-name"], job["opts"]["array"], len(lines))
+  return lines
+
+
+def test_every_adaptation_task_waits_for_the_task_that_trains_its_own_source(tmp_path):
+  """Two sources x two targets x two seeds: each adaptation task's aftercorr dependency is the
+  task of the array that trains the source checkpoint it starts from."""
+  env, calls = _fake_sbatch(tmp_path)
+  root = tmp_path / "paper"
+  proc = _sweep(f"--root={root}",
+                "--sources=raf=configs/source_raf.py,r50=configs/source_raf_r50.py",
+                "--targets=configs/adapt_ck.py,configs/adapt_jaffe.py", "--seeds=1,2",
+                "--python=py", "--mode=slurm", env=env)
+  assert proc.returncode == 0, proc.stderr
+  jobs = _submitted(calls)
+  arrays = [j for j in jobs if "array" in j["opts"]]
+  tasks = {j["id"]: _tasks(j) for j in arrays}
+  sources = [j for j in arrays if "dependency" not in j["opts"]]
+  trained = sorted(workdir for j in sources for workdir, _ in tasks[j["id"]])
+  assert trained == sorted(str(root / f"source_{s}_seed{k}") for s in ("raf", "r50")
+                           for k in (1, 2))
+  adaptations = [j for j in arrays if "dependency" in j["opts"]]
+  assert len(adaptations) == 4
+  pairs = set()
+  for job in adaptations:
+    kind, _, dep = job["opts"]["dependency"].partition(":")
+    assert kind == "aftercorr" and dep in {j["id"] for j in sources}
+    for i, (workdir, command) in enumerate(tasks[job["id"]]):
+      start = re.search(r"--config\.source_checkpoint=(\S+)", command).group(1)
+      source_dir, source_command = tasks[dep][i]
+      assert source_dir == start, (job["opts"]["job-name"], i, source_dir, start)
+      assert f"--workdir={start}" in source_command
+      pairs.add((os.path.basename(workdir), os.path.basename(start)))
+  assert len(pairs) == 8 and ("r502ck_seed2", "source_r50_seed2") in pairs
+  # The summary waits for every array.
+  summary = jobs[-1]
+  assert summary["opts"]["dependency"] == "afterany:" + ":".join(j["id"] for j in arrays)
 
 
 def _array_task(tmp_path, task, exit_code=0):
@@ -120,10 +190,10 @@ def _array_task(tmp_path, task, exit_code=0):
   _fake_bin(bin_dir, "py", f'echo "py $*" >> {log}\nexit {exit_code}\n')
   root = tmp_path / "paper"
   if not (root / "sweep").exists():
-    _, adapt = grid.build_grid(str(root), ["configs/source_raf.py"],
-                                          ["configs/adapt_ck.py"], [1, 2], python="py")
+    the_grid = grid.build_grid(str(root), ["configs/source_raf.py"], ["configs/adapt_ck.py"],
+                               [1, 2], python="py")
     (root / "sweep").mkdir(parents=True)
-    grid.write_task_file(str(root / "sweep" / "raf2ck.tsv"), adapt["raf2ck"])
+    grid.write_task_file(str(root / "sweep" / "raf2ck.tsv"), the_grid.array("raf2ck").runs)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(task),
              SLURM_ARRAY_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
   proc = subprocess.run(["bash", SBATCH, str(root / "sweep" / "raf2ck.tsv")], env=env,

@@ -14,6 +14,7 @@ from absl import app, flags
 
 from eercl_jax import constants, grid
 from eercl_jax.errors import UserError
+from eercl_jax.tools import cli
 
 _ROOT = flags.DEFINE_string("root", None, "Folder of the sweep's runs, logs and summary.")
 _SOURCES = flags.DEFINE_list("sources", None, "Source configs, each PATH or NAME=PATH "
@@ -41,33 +42,25 @@ _PYTHON = flags.DEFINE_string("python", sys.executable, "Python interpreter of t
 # -------------------------------------------------------------------------------------- main
 
 
-def main(argv):
+@cli.command
+def main(argv) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if not _ROOT.value:
-    raise app.UsageError("--root is required")
+    raise UserError("--root is required")
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
-    raise app.UsageError(f"--seeds: integers expected, got {_SEEDS.value}") from None
-  try:
-    source_runs, adapt_runs = grid.build_grid(_ROOT.value, _SOURCES.value or [], _TARGETS.value, seeds,
-                                         _PYTHON.value, _SOURCE_ARGS.value, _ADAPT_ARGS.value)
-  except UserError as e:
-    raise app.UsageError(str(e)) from None
+    raise UserError(f"--seeds: integers expected, got {_SEEDS.value}") from None
+  the_grid = grid.build_grid(_ROOT.value, _SOURCES.value or [], _TARGETS.value, seeds,
+                             _PYTHON.value, _SOURCE_ARGS.value, _ADAPT_ARGS.value)
   if _MODE.value == "slurm":
-    try:
-      grid.submit_slurm(_ROOT.value, source_runs, adapt_runs, dry_run=_DRY_RUN.value,
-                        gpus_per_run=_GPUS_PER_RUN.value, sbatch_args=_SBATCH_ARGS.value,
-                        max_parallel=_MAX_PARALLEL.value, python=_PYTHON.value)
-    except UserError as e:
-      raise app.UsageError(str(e)) from None
+    grid.submit_slurm(the_grid, dry_run=_DRY_RUN.value, gpus_per_run=_GPUS_PER_RUN.value,
+                      sbatch_args=_SBATCH_ARGS.value, max_parallel=_MAX_PARALLEL.value,
+                      python=_PYTHON.value)
     return 0
-  try:
-    slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
-  except UserError as e:
-    raise app.UsageError(str(e)) from None
-  runs = source_runs + [r for runs in adapt_runs.values() for r in runs]
+  slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
+  runs = the_grid.runs()
   status = grid.run_local(_ROOT.value, runs, slots, dry_run=_DRY_RUN.value)
   summary = grid.summary_argv(_ROOT.value, runs, _PYTHON.value)
   if _DRY_RUN.value:
