@@ -12,16 +12,21 @@ at once. Every run is named after its configs and seed:
 
 `--mode=slurm` submits, per source config, its runs (one per seed) as one SLURM array, and per
 source and target the adaptation runs as an array whose task i waits for task i of its own
-source's array, the run of the same seed (`--dependency=aftercorr`), then a summary job.
-`--mode=local` runs the same grid on this machine, one run per GPU (or per group of
-`--gpus_per_run` GPUs), queueing the rest. Both skip runs that finished (their `results.json`
-exists) and resume interrupted ones (rerunning a run's command resumes its workdir). At the end
+source's array, the run of the same seed (`--dependency=aftercorr`), then a summary job with
+its own small resources. A task whose source task failed is cancelled (`--kill-on-invalid-dep`),
+so nothing waits forever. `--mode=local` runs the same grid on this machine, one run per GPU (or
+per group of `--gpus_per_run` GPUs), queueing the rest. Both skip runs that finished (their
+`results.json` exists) and resume interrupted ones (rerunning a run's command resumes its
+workdir). Each run folder records the command the sweep gave it (RUN_FILE, sweep_run.json); a
+sweep that would give a run another command (other --source_args, another config) refuses,
+naming the runs, instead of reporting the old results as its own. At the end
 `python -m eercl_jax.summarize` writes ROOT/summary.md and ROOT/summary.csv. `--dry_run` prints
 every command and dependency and runs nothing.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -38,18 +43,96 @@ SBATCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "launch", "sweep.sbatch")
 
 
+# What a run was started with, in its workdir: written when the sweep submits (slurm) or starts
+# (local) the run, compared whenever a sweep meets the run again (here and in launch/sweep.sbatch,
+# which names the file too), read by the results tables for the run's labels.
+RUN_FILE = "sweep_run.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   name: str                      # the run's folder name under the root
   workdir: str
   argv: tuple[str, ...]          # the command
   after: Optional[str] = None    # the name of the run it starts from
+  # Its place in the grid (recorded in RUN_FILE for the tables).
+  stage: str = "adapt"
+  source: Optional[str] = None
+  target: Optional[str] = None
+  method: Optional[str] = None   # None: the config's own
+  variant: Optional[str] = None
+  seed: Optional[int] = None
 
   def command(self) -> str:
     return shlex.join(self.argv)
 
   def finished(self) -> bool:
     return os.path.isfile(os.path.join(self.workdir, constants.RESULTS_FILE))
+
+  def record(self) -> dict:
+    return {"name": self.name, "argv": list(self.argv), "command": self.command(),
+            "stage": self.stage, "source": self.source, "target": self.target,
+            "method": self.method, "variant": self.variant, "seed": self.seed,
+            "after": self.after}
+
+
+def same_command(old: Sequence[str], new: Sequence[str]) -> bool:
+  """Whether two runs' commands compute the same thing: equal but for the interpreter's path (a
+  rerun from another virtual environment is the same run)."""
+  return list(old[1:]) == list(new[1:])
+
+
+def recorded(run: Job) -> Optional[dict]:
+  """The run's RUN_FILE, None when there is none (never started by a sweep)."""
+  path = os.path.join(run.workdir, RUN_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    if not isinstance(record.get("argv"), list):
+      raise ValueError("no 'argv' list")
+  except (OSError, ValueError, AttributeError) as e:
+    return {"argv": [], "command": f"<unreadable {path}: {e}>"}
+  return record
+
+
+def check_records(runs: Sequence[Job]) -> None:
+  """Raises a UserError naming every run whose folder records another command than the one
+  this sweep would give it: its results or checkpoints belong to that command, so the run is
+  neither reported as finished nor resumed."""
+  changed = []
+  for run in runs:
+    record = recorded(run)
+    if record is not None and not same_command(record["argv"], run.argv):
+      changed.append((run, record.get("command") or shlex.join(record["argv"])))
+  if not changed:
+    return
+  shown = "; ".join(f"{run.name} ({run.workdir}) was started with `{old}`, this sweep gives it "
+                    f"`{run.command()}`" for run, old in changed[:3])
+  more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+  raise UserError(
+      f"{len(changed)} run(s) of this sweep were started with other commands: {shown}{more}. "
+      f"Their folders hold that command's results and checkpoints: delete those run folders to "
+      f"run them with the new command, or give the changed sweep another --root.")
+
+
+def write_record(run: Job) -> None:
+  os.makedirs(run.workdir, exist_ok=True)
+  path = os.path.join(run.workdir, RUN_FILE)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(run.record(), f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_records(runs: Sequence[Job]) -> None:
+  """Records the command of every run about to be submitted; a finished run without a record
+  (from before records, or run by hand) is left as it is: its command is not known."""
+  for run in runs:
+    if not run.finished() or recorded(run) is not None:
+      write_record(run)
 
 
 def _named(spec: str, prefix: str) -> tuple[str, str]:
@@ -121,7 +204,8 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
       workdir = os.path.join(root, name)
       runs.append(Job(name, workdir, main + (f"--config={s_path}", f"--workdir={workdir}",
                                              f"--config.seed={seed}",
-                                             *shlex.split(source_args))))
+                                             *shlex.split(source_args)),
+                      stage="source", source=s_name, seed=seed))
     arrays.append(Array(f"source_{s_name}", tuple(runs)))
   for t_name, t_path in tgt:
     for s_name, _ in src:
@@ -135,7 +219,7 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
             name, workdir, main + (f"--config={t_path}", f"--workdir={workdir}",
                                    f"--config.seed={seed}", f"--config.source_checkpoint={source}",
                                    *shlex.split(adapt_args)),
-            after=f"source_{s_name}_seed{seed}"))
+            after=f"source_{s_name}_seed{seed}", source=s_name, target=t_name, seed=seed))
       arrays.append(Array(label, tuple(runs), after=f"source_{s_name}"))
   labels = [a.label for a in arrays]
   if len(set(labels)) != len(labels):
@@ -161,12 +245,20 @@ def write_task_file(path: str, runs: Sequence[Job]) -> None:
       f.write(f"{run.workdir}\t{run.command()}\n")
 
 
+# The summary job reads a few JSON files: one CPU for minutes, whatever the runs' arrays ask.
+SUMMARY_SBATCH_ARGS = "--ntasks=1 --cpus-per-task=1 --mem=2G --time=00:30:00"
+
+
 def slurm_plan(grid: Grid, *, gpus_per_run: int, sbatch_args: str, max_parallel: int,
-               python: str) -> list[tuple[str, list[str]]]:
+               python: str, summary_sbatch_args: str = SUMMARY_SBATCH_ARGS
+               ) -> list[tuple[str, list[str]]]:
   """The sbatch calls, in order, as (array label, argv): the source arrays, the adaptation
   arrays, the summary. '{label}' in a dependency is filled in with that array's job id when it
   is submitted. Array sizes are the task files' line counts; the task i of an adaptation array
-  waits for task i of its source's array (aftercorr), which trains the run it starts from."""
+  waits for task i of its source's array (aftercorr), which trains the run it starts from.
+  A job whose dependency can no longer be met (its source task failed or was cancelled) is
+  cancelled (--kill-on-invalid-dep) rather than left pending, so that the summary, which waits
+  for every array to end (afterany), runs."""
   root = grid.root
   sweep_dir = os.path.join(root, "sweep")
   logs = os.path.join(root, "logs")
@@ -179,7 +271,8 @@ def slurm_plan(grid: Grid, *, gpus_per_run: int, sbatch_args: str, max_parallel:
       for run, src in zip(array.runs, source.runs, strict=True):
         if run.after != src.name:   # the pairing aftercorr relies on
           raise AssertionError(f"{run.name} starts from {run.after}, not {src.name}")
-    dep = ["--dependency=aftercorr:{" + array.after + "}"] if array.after else []
+    dep = (["--dependency=aftercorr:{" + array.after + "}", "--kill-on-invalid-dep=yes"]
+           if array.after else [])
     plan.append((array.label, common + [f"--array=0-{len(array.runs) - 1}{throttle}", *dep,
                                         f"--job-name=eercl_{array.label}",
                                         f"--output={logs}/%x_%A_%a.out", SBATCH_SCRIPT,
@@ -188,8 +281,9 @@ def slurm_plan(grid: Grid, *, gpus_per_run: int, sbatch_args: str, max_parallel:
   summarize = (f"{shlex.quote(python)} -m eercl_jax.summarize "
                f"--out={shlex.quote(os.path.join(root, 'summary'))} "
                f"{shlex.quote(root)}/*_seed*")
-  plan.append(("summary", ["sbatch", "--parsable", *shlex.split(sbatch_args),
-                           f"--dependency=afterany:{deps}", "--job-name=eercl_summary",
+  plan.append(("summary", ["sbatch", "--parsable", *shlex.split(summary_sbatch_args),
+                           f"--dependency=afterany:{deps}", "--kill-on-invalid-dep=yes",
+                           "--job-name=eercl_summary",
                            f"--output={logs}/summary_%j.out", f"--wrap={summarize}"]))
   return plan
 
@@ -201,6 +295,11 @@ def _fill(arg: str, ids: dict) -> str:
 
 
 def submit_slurm(grid: Grid, *, dry_run: bool, **plan_kwargs) -> None:
+  """Writes the task files and every run's RUN_FILE, then submits the plan (`dry_run`: prints
+  it, writes nothing). A run recorded with another command stops it before anything is
+  written or submitted."""
+  runs = grid.runs()
+  check_records(runs)
   plan = slurm_plan(grid, **plan_kwargs)
   for array in grid.arrays:
     print(f"# array {array.label}:")
@@ -212,6 +311,7 @@ def submit_slurm(grid: Grid, *, dry_run: bool, **plan_kwargs) -> None:
     os.makedirs(os.path.join(grid.root, "logs"), exist_ok=True)
     for array in grid.arrays:
       write_task_file(os.path.join(grid.root, "sweep", f"{array.label}.tsv"), array.runs)
+    write_records(runs)
   ids = {}
   for label, argv in plan:
     argv = [_fill(a, ids) if a.startswith("--dependency=") else a for a in argv]
@@ -263,6 +363,7 @@ def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run:
   """Runs `runs` (sources before the adaptations that need them), one per slot at a time.
   Returns 0 when every run finished, 75 when interrupted, 1 when some run failed."""
   by_name = {r.name: r for r in runs}
+  check_records(runs)
   if dry_run:
     for run in runs:
       dep = f"   (after {run.after})" if run.after else ""
@@ -274,7 +375,8 @@ def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run:
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
   done = {r.name for r in runs if r.finished()}
   for name in sorted(done):
-    print(f"finished already: {name}", flush=True)
+    unknown = "" if recorded(by_name[name]) else " (no record of its command: not compared)"
+    print(f"finished already: {name}{unknown}", flush=True)
   failed: set[str] = set()
   pending = [r for r in runs if r.name not in done]
   active: dict[str, tuple[subprocess.Popen, int]] = {}  # name -> (process, slot)
@@ -320,6 +422,7 @@ def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run:
         pending.remove(run)
         log = open(os.path.join(root, "logs", f"{run.name}.log"), "ab")  # pylint: disable=consider-using-with
         print(f"start: {run.name} on {slots[slot]}: {run.command()}", flush=True)
+        write_record(run)
         proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **slots[slot]})
         log.close()

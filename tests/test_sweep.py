@@ -4,6 +4,7 @@ the array script under a fake SLURM environment, and the one-machine runner on t
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from eercl_jax import constants, grid
+from eercl_jax.errors import UserError
 from tests.conftest import REPO
 
 SBATCH = os.path.join(REPO, "launch", "sweep.sbatch")
@@ -97,7 +99,7 @@ def test_submission_chains_the_arrays_with_real_job_ids(tmp_path):
   assert proc.returncode == 0, proc.stderr
   submitted = calls.read_text().splitlines()
   assert len(submitted) == 4
-  assert all("--partition=gpu --time=2:00:00" in line for line in submitted)
+  assert all("--partition=gpu --time=2:00:00" in line for line in submitted[:3])
   assert "--array=0-1%3" in submitted[0]
   assert "--dependency=aftercorr:101" in submitted[1] and "--dependency=aftercorr:101" in submitted[2]
   assert "--dependency=afterany:101:102:103" in submitted[3]
@@ -179,13 +181,14 @@ def test_every_adaptation_task_waits_for_the_task_that_trains_its_own_source(tmp
   assert summary["opts"]["dependency"] == "afterany:" + ":".join(j["id"] for j in arrays)
 
 
-def _array_task(tmp_path, task, exit_code=0):
+def _array_task(tmp_path, task, exit_code=0, env=None):
   """Runs launch/sweep.sbatch as SLURM would run array task `task`, with fake srun/scontrol and a
-  fake python that records the command it was given."""
+  fake python that records the command it was given (srun records the CPUs it gives the step)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   log = tmp_path / "log"
-  _fake_bin(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+  _fake_bin(bin_dir, "srun", f'echo "srun cpus=${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
+            'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
   _fake_bin(bin_dir, "scontrol", f'echo "scontrol $*" >> {log}\n')
   _fake_bin(bin_dir, "py", f'echo "py $*" >> {log}\nexit {exit_code}\n')
   root = tmp_path / "paper"
@@ -195,32 +198,143 @@ def _array_task(tmp_path, task, exit_code=0):
     (root / "sweep").mkdir(parents=True)
     grid.write_task_file(str(root / "sweep" / "raf2ck.tsv"), the_grid.array("raf2ck").runs)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(task),
-             SLURM_ARRAY_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
+             SLURM_ARRAY_JOB_ID="77", SLURM_SUBMIT_DIR=REPO, **(env or {}))
+  env.pop("SRUN_CPUS_PER_TASK", None)
   proc = subprocess.run(["bash", SBATCH, str(root / "sweep" / "raf2ck.tsv")], env=env,
                         capture_output=True, text=True, timeout=60)
-  return proc, (log.read_text() if log.exists() else ""), root
+  text = log.read_text() if log.exists() else ""
+  return proc, "\n".join(l for l in text.splitlines() if not l.startswith("srun ")), root, text
 
 
 def test_array_script_runs_the_task_of_its_index(tmp_path):
-  proc, log, root = _array_task(tmp_path, task=1)
+  proc, log, root, _ = _array_task(tmp_path, task=1)
   assert proc.returncode == 0, proc.stderr
   assert log.strip() == (f"py -m eercl_jax.main --config=configs/adapt_ck.py "
                          f"--workdir={root}/raf2ck_seed2 --config.seed=2 "
                          f"--config.source_checkpoint={root}/source_raf_seed2")
 
 
+def test_array_script_gives_the_run_the_tasks_cpus(tmp_path):
+  """srun does not inherit --cpus-per-task since SLURM 22.05: the scripts pass it on."""
+  proc, _, _, full = _array_task(tmp_path, task=0, env={"SLURM_CPUS_PER_TASK": "16"})
+  assert proc.returncode == 0 and "srun cpus=16" in full, (proc.stderr, full)
+  # The multi-node script too.
+  bin_dir = tmp_path / "bin"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_CPUS_PER_TASK="8",
+             SLURM_SUBMIT_DIR=REPO)
+  env.pop("SRUN_CPUS_PER_TASK", None)
+  _fake_bin(bin_dir, "python", f'echo "python $*" >> {tmp_path / "log"}\n')
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "c.py", "w"],
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  text = (tmp_path / "log").read_text()
+  assert "srun cpus=8" in text and "python -m eercl_jax.main --config=c.py --workdir=w" in text
+
+
 def test_array_script_requeues_a_preempted_task_and_skips_a_finished_one(tmp_path):
-  proc, log, root = _array_task(tmp_path, task=0, exit_code=75)
+  proc, log, root, _ = _array_task(tmp_path, task=0, exit_code=75)
   assert proc.returncode == 0 and "scontrol requeue 77_0" in log, (proc.stdout, log)
   (tmp_path / "log").unlink()
   (root / "raf2ck_seed1").mkdir()
   (root / "raf2ck_seed1" / "results.json").write_text("{}")
-  proc, log, _ = _array_task(tmp_path, task=0)
+  proc, log, _, _ = _array_task(tmp_path, task=0)
   assert proc.returncode == 0 and log == "" and "finished already" in proc.stdout
-  proc, log, _ = _array_task(tmp_path, task=1, exit_code=3)
+  proc, log, _, _ = _array_task(tmp_path, task=1, exit_code=3)
   assert proc.returncode == 3 and "scontrol" not in log
-  proc, _, _ = _array_task(tmp_path, task=5)
+  proc, _, _, _ = _array_task(tmp_path, task=5)
   assert proc.returncode == 2 and "no line for array task 5" in proc.stderr
+
+
+def test_array_script_compares_the_recorded_command(tmp_path):
+  """A run folder whose sweep_run.json records another command is neither skipped as finished
+  nor resumed: the task fails naming both commands."""
+  _, _, root, _ = _array_task(tmp_path, task=5)   # writes the task file only
+  workdir = root / "raf2ck_seed1"
+  workdir.mkdir()
+  (workdir / "results.json").write_text("{}")
+  line = (root / "sweep" / "raf2ck.tsv").read_text().splitlines()[0]
+  argv = shlex.split(line.split("\t")[1])
+  # The same command (another interpreter path is the same command): finished, skipped.
+  (workdir / "sweep_run.json").write_text(json.dumps({"argv": ["/other/python"] + argv[1:]}))
+  proc, log, _, _ = _array_task(tmp_path, task=0)
+  assert proc.returncode == 0 and log == "" and "finished already" in proc.stdout, proc.stderr
+  # Another command: refused, finished or not.
+  (workdir / "sweep_run.json").write_text(json.dumps({"argv": argv + ["--config.lr=9"]}))
+  for finished in (True, False):
+    if not finished:
+      (workdir / "results.json").unlink()
+    proc, log, _, _ = _array_task(tmp_path, task=0)
+    assert proc.returncode == 2 and log == "", (proc.stdout, proc.stderr, log)
+    assert "--config.lr=9" in proc.stderr and "delete" in proc.stderr, proc.stderr
+    assert str(workdir) in proc.stderr
+
+
+def test_dependent_jobs_die_with_their_dependency_and_the_summary_is_small(tmp_path):
+  env, calls = _fake_sbatch(tmp_path)
+  root = tmp_path / "paper"
+  gpu = "--partition=gpu --time=12:00:00"
+  proc = _sweep(*_grid_args(root), "--mode=slurm", f"--sbatch_args={gpu}", env=env)
+  assert proc.returncode == 0, proc.stderr
+  jobs = _submitted(calls)
+  for job in jobs:
+    if "dependency" in job["opts"]:   # a failed source task cancels its waiting adaptations
+      assert job["opts"].get("kill-on-invalid-dep") == "yes", job["argv"]
+  summary = jobs[-1]
+  assert summary["opts"]["job-name"] == "eercl_summary"
+  assert "partition" not in summary["opts"] and "gpus" not in summary["opts"]
+  assert summary["opts"]["time"] != "12:00:00" and summary["opts"]["cpus-per-task"] == "1"
+  assert all(job["opts"]["partition"] == "gpu" for job in jobs[:-1])
+  # Its own arguments, when given.
+  calls.unlink()
+  proc = _sweep(*_grid_args(tmp_path / "other"), "--mode=slurm", f"--sbatch_args={gpu}",
+                "--summary_sbatch_args=--partition=cpu --time=0:10:00", env=env)
+  assert proc.returncode == 0, proc.stderr
+  summary = _submitted(calls)[-1]
+  assert summary["opts"]["partition"] == "cpu" and summary["opts"]["time"] == "0:10:00"
+  assert "gpus" not in summary["opts"]
+
+
+def test_a_changed_sweep_is_refused_by_name(tmp_path):
+  """Each run records the command it was submitted (or started) with; a sweep that would give it
+  another one stops before submitting or running anything, naming the run, both commands and
+  the way out; the same sweep again is accepted."""
+  env, calls = _fake_sbatch(tmp_path)
+  root = tmp_path / "paper"
+  proc = _sweep(*_grid_args(root), "--mode=slurm", env=env)
+  assert proc.returncode == 0, proc.stderr
+  first = len(calls.read_text().splitlines())
+  for array in ("source_raf", "raf2ck", "raf2jaffe"):
+    for line in (root / "sweep" / f"{array}.tsv").read_text().splitlines():
+      workdir, command = line.split("\t")
+      record = json.loads((tmp_path / workdir / "sweep_run.json").read_text())
+      assert record["argv"] == shlex.split(command) and record["name"] == os.path.basename(workdir)
+  # The same sweep again: accepted (resubmitted).
+  proc = _sweep(*_grid_args(root), "--mode=slurm", env=env)
+  assert proc.returncode == 0, proc.stderr
+  submitted = len(calls.read_text().splitlines())
+  assert submitted == 2 * first
+  (root / "source_raf_seed1" / "results.json").write_text("{}")   # finished, as it happens
+  for mode in (["--mode=slurm"], ["--mode=slurm", "--dry_run"], ["--dry_run", "--devices=cpu:1"]):
+    proc = _sweep(*_grid_args(root), "--source_args=--config.num_steps=5", *mode, env=env)
+    assert proc.returncode == 2, (mode, proc.stdout, proc.stderr)
+    err = proc.stderr
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "source_raf_seed1" in err and "source_raf_seed2" in err and "raf2ck" not in err
+    assert "--config.num_steps=5" in err and "delete" in err and "--root" in err
+    assert "finished already" not in proc.stdout
+  assert len(calls.read_text().splitlines()) == submitted   # nothing submitted
+
+
+def test_local_runner_records_each_runs_command(tmp_path):
+  root = tmp_path / "grid"
+  run = grid.Job("one", str(root / "one"), (sys.executable, "-c", "pass"))
+  assert grid.run_local(str(root), [run], [{"CUDA_VISIBLE_DEVICES": ""}], dry_run=False,
+                        poll_s=0.05) == 0
+  record = json.loads((root / "one" / "sweep_run.json").read_text())
+  assert record["argv"] == list(run.argv) and record["name"] == "one"
+  other = grid.Job("one", str(root / "one"), (sys.executable, "-c", "print(1)"))
+  with pytest.raises(UserError, match="one.*print"):
+    grid.run_local(str(root), [other], [{"CUDA_VISIBLE_DEVICES": ""}], dry_run=True)
 
 
 def _wait_for(path, text, proc, timeout=300):

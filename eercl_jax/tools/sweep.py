@@ -34,6 +34,9 @@ _DEVICES = flags.DEFINE_string(
     "else every GPU nvidia-smi lists); 'cpu:N' runs N runs at a time on the CPU.")
 _SBATCH_ARGS = flags.DEFINE_string("sbatch_args", "", "slurm mode: extra sbatch arguments for "
                                    "every array, e.g. '--partition=gpu --time=12:00:00'.")
+_SUMMARY_SBATCH_ARGS = flags.DEFINE_string(
+    "summary_sbatch_args", grid.SUMMARY_SBATCH_ARGS, "slurm mode: the summary job's sbatch "
+    "arguments (it does not get --sbatch_args: it needs no GPU and little time).")
 _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 0, "slurm mode: at most this many tasks of "
                                      "an array at once (0 = no limit).")
 _PYTHON = flags.DEFINE_string("python", sys.executable, "Python interpreter of the runs.")
@@ -57,7 +60,7 @@ def main(argv) -> int:
   if _MODE.value == "slurm":
     grid.submit_slurm(the_grid, dry_run=_DRY_RUN.value, gpus_per_run=_GPUS_PER_RUN.value,
                       sbatch_args=_SBATCH_ARGS.value, max_parallel=_MAX_PARALLEL.value,
-                      python=_PYTHON.value)
+                      python=_PYTHON.value, summary_sbatch_args=_SUMMARY_SBATCH_ARGS.value)
     return 0
   slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
   runs = the_grid.runs()
