@@ -25,6 +25,7 @@ every command and dependency and runs nothing.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -34,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from eercl_jax import constants
 from eercl_jax.errors import UserError
@@ -358,10 +359,38 @@ def device_slots(devices: Optional[str], gpus_per_run: int) -> list[dict]:
   return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]
 
 
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def _parent_death_signal() -> Optional[Callable[[], None]]:
+  """A `preexec_fn` that has the kernel send the child SIGTERM when the runner dies (even by
+  SIGKILL): the run then checkpoints and exits 75 instead of training on unattended. None
+  where prctl is not available (not Linux)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: the child only calls it
+  except (OSError, AttributeError):
+    return None
+  runner = os.getpid()
+
+  def setup() -> None:
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != runner:   # the runner died before the prctl: no signal will come
+      raise RuntimeError("the sweep runner died before the run started")   # the child exits
+  return setup
+
+
 def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run: bool,
               poll_s: float = 0.5) -> int:
   """Runs `runs` (sources before the adaptations that need them), one per slot at a time.
-  Returns 0 when every run finished, 75 when interrupted, 1 when some run failed."""
+  Returns 0 when every run finished, 75 when interrupted, 1 when some run failed.
+
+  SIGINT/SIGTERM to the runner is forwarded to every running run as one SIGTERM (checkpoint,
+  exit 75); a second one is forwarded again (the runs then stop at once). Runs start in their
+  own session, so a signal to the runner's process group (Ctrl-C, scancel) reaches them only
+  through the runner, once; and with a parent-death signal, so that a runner killed outright
+  stops them too."""
   by_name = {r.name: r for r in runs}
   check_records(runs)
   if dry_run:
@@ -424,7 +453,8 @@ def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run:
         print(f"start: {run.name} on {slots[slot]}: {run.command()}", flush=True)
         write_record(run)
         proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **slots[slot]})
+                                env={**os.environ, **slots[slot]}, start_new_session=True,
+                                preexec_fn=_parent_death_signal())  # pylint: disable=subprocess-popen-preexec-fn
         log.close()
         active[run.name] = (proc, slot)
       time.sleep(poll_s)

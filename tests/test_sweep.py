@@ -337,6 +337,99 @@ def test_local_runner_records_each_runs_command(tmp_path):
     grid.run_local(str(root), [other], [{"CUDA_VISIBLE_DEVICES": ""}], dry_run=True)
 
 
+# A stand-in for a training run: SIGTERM -> "finish the step, checkpoint" (1 s), exit 75; it
+# notes every SIGTERM it gets (the real run stops at once on a second one).
+FAKE_RUN = """
+import os, signal, sys, time
+log = sys.argv[1]
+def note(text):
+  with open(log, "a") as f:
+    f.write(text + "\\n")
+got = []
+signal.signal(signal.SIGTERM, lambda *_: (got.append(1), note("SIGTERM")))
+note(f"pid {os.getpid()}")
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+  time.sleep(0.05)
+end = time.time() + 1.0
+while got and time.time() < end:
+  time.sleep(0.05)
+note(f"exit 75 after {len(got)} SIGTERM" if got else "not stopped")
+sys.exit(75 if got else 1)
+"""
+
+def _start_runner(tmp_path, count, **popen):
+  """A local sweep runner (its own process) running `count` fake runs at once; returns the
+  runner, the runs' note files and their pids."""
+  logs = [tmp_path / f"run{i}.notes" for i in range(count)]
+  script = "\n".join([
+      "import sys",
+      "from eercl_jax import grid",
+      f"fake = {FAKE_RUN!r}",
+      "root, logs = sys.argv[1], sys.argv[2:]",
+      "runs = [grid.Job(f'run{i}', f'{root}/run{i}', (sys.executable, '-c', fake, log))",
+      "        for i, log in enumerate(logs)]",
+      "sys.exit(grid.run_local(root, runs, [{}] * len(runs), dry_run=False, poll_s=0.05))"])
+  runner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "grid"),
+                             *map(str, logs)], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+  pids = []
+  deadline = time.time() + 60
+  for log in logs:
+    while not (log.exists() and log.read_text().startswith("pid ")):
+      assert time.time() < deadline and runner.poll() is None, runner.communicate()
+      time.sleep(0.05)
+    pids.append(int(log.read_text().split()[1]))
+  return runner, logs, pids
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f"/proc/{pid}/stat", encoding="utf-8") as f:   # a zombie is not running
+    return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_a_killed_runner_takes_its_runs_with_it(tmp_path):
+  """SIGKILL of the runner: its running child gets SIGTERM (the parent-death signal),
+  checkpoints and exits 75, instead of training on unattended."""
+  runner, logs, pids = _start_runner(tmp_path, 1)
+  try:
+    runner.kill()
+    runner.wait(timeout=30)
+    deadline = time.time() + 20
+    while _alive(pids[0]) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not _alive(pids[0]), "the run outlived its killed runner"
+    assert logs[0].read_text().splitlines()[1:] == ["SIGTERM", "exit 75 after 1 SIGTERM"]
+  finally:
+    for pid in pids:
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_to_the_runners_group_reaches_each_run_once(tmp_path):
+  """Ctrl-C or scancel signal the whole process group: each run gets one SIGTERM (the runner's)
+  and exits 75 after its checkpoint, not a second one that would stop it at once."""
+  runner, logs, pids = _start_runner(tmp_path, 2, start_new_session=True)
+  try:
+    os.killpg(runner.pid, signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == constants.EXIT_PREEMPTED, out
+    for i, log in enumerate(logs):
+      assert log.read_text().splitlines()[1:] == ["SIGTERM", "exit 75 after 1 SIGTERM"], i
+      assert f"interrupted: run{i} (exit 75" in out
+  finally:
+    for pid in pids:
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    if runner.poll() is None:
+      runner.kill()
+
+
 def _wait_for(path, text, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
