@@ -10,6 +10,11 @@ at once. Every run is named after its configs and seed:
     ROOT/source_<src>_seed<k>        the source run of seed k
     ROOT/<src>2<tgt>_seed<k>         its adaptation to <tgt>, started from ROOT/source_<src>_seed<k>
 
+With `--methods=tent,shot,eercl` every adaptation runs once per method (`--config.method=<m>`)
+as ROOT/<src>2<tgt>_<m>_seed<k>; with `--variants='no_nce:adapt.instance_nce_weight=0;...'` once
+more per variant (its overrides appended) as ROOT/<src>2<tgt>_<m>-<variant>_seed<k>: the rows of
+the paper's table (methods and ablations) by its columns (targets).
+
 `--mode=slurm` submits, per source config, its runs (one per seed) as one SLURM array, and per
 source and target the adaptation runs as an array whose task i waits for task i of its own
 source's array, the run of the same seed (`--dependency=aftercorr`), then a summary job with
@@ -181,11 +186,52 @@ class Grid:
     return next(a for a in self.arrays if a.label == label)
 
 
+_NAME = re.compile(r"^[A-Za-z][\w.]*$")          # a method or variant: no '-' (a name separator)
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=(.*)$")
+
+
+def parse_methods(methods: Sequence[str]) -> list[str]:
+  methods = [m.strip() for m in methods if m.strip()]
+  for m in methods:
+    if not _NAME.match(m):
+      raise UserError(f"--methods: {m!r} is not a method name (letters, digits, '_', '.')")
+  if len(set(methods)) != len(methods):
+    raise UserError(f"--methods: repeated methods in {methods}")
+  return methods
+
+
+def parse_variants(text: str) -> list[tuple[str, tuple[str, ...]]]:
+  """'NAME:KEY=VALUE,KEY=VALUE;NAME:...' -> [(name, ('--config.KEY=VALUE', ...))]."""
+  variants = []
+  for item in (i.strip() for i in (text or "").split(";")):
+    if not item:
+      continue
+    name, sep, body = item.partition(":")
+    name = name.strip()
+    if not sep or not body.strip():
+      raise UserError(f"--variants: {item!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    if not _NAME.match(name):
+      raise UserError(f"--variants: {name!r} is not a variant name (letters, digits, '_', '.')")
+    overrides = []
+    for pair in (p.strip() for p in body.split(",")):
+      if not _OVERRIDE.match(pair):
+        raise UserError(f"--variants: {name}: {pair!r}: expected KEY=VALUE (a config key)")
+      overrides.append(f"--config.{pair}")
+    variants.append((name, tuple(overrides)))
+  names = [n for n, _ in variants]
+  if len(set(names)) != len(names):
+    raise UserError(f"--variants: repeated names in {names}")
+  return variants
+
+
 def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds: Sequence[int],
-               python: str = sys.executable, source_args: str = "",
-               adapt_args: str = "") -> Grid:
-  """One source array per source config (a task per seed) and, per source and target, one
-  adaptation array whose task i starts from task i of its source's array (the same seed)."""
+               python: str = sys.executable, source_args: str = "", adapt_args: str = "",
+               methods: Sequence[str] = (), variants: str = "") -> Grid:
+  """One source array per source config (a task per seed) and, per source, target, method and
+  variant, one adaptation array whose task i starts from task i of its source's array (the same
+  seed). A method is `--config.method=<name>` on the adaptation's command (none given: the
+  config's own, and the names carry none); a variant (`parse_variants`) is a row of its own
+  beside the method's, its overrides appended last."""
   if not sources:
     raise UserError("--sources: at least one source config is needed")
   if len(set(seeds)) != len(seeds):
@@ -196,6 +242,12 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
       raise UserError(f"two {kind} configs share a name in {names}: name them NAME=PATH")
+  ablations = parse_variants(variants)
+  rows = []   # (method, variant, the overrides that make the row)
+  for method in parse_methods(methods) or [None]:
+    base = (f"--config.method={method}",) if method else ()
+    rows.append((method, None, base))
+    rows += [(method, name, base + extra) for name, extra in ablations]
   main = (python, "-m", "eercl_jax.main")
   arrays = []
   for s_name, s_path in src:
@@ -210,18 +262,22 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
     arrays.append(Array(f"source_{s_name}", tuple(runs)))
   for t_name, t_path in tgt:
     for s_name, _ in src:
-      label = f"{s_name}2{t_name}"
-      runs = []
-      for seed in seeds:
-        source = os.path.join(root, f"source_{s_name}_seed{seed}")
-        name = f"{label}_seed{seed}"
-        workdir = os.path.join(root, name)
-        runs.append(Job(
-            name, workdir, main + (f"--config={t_path}", f"--workdir={workdir}",
-                                   f"--config.seed={seed}", f"--config.source_checkpoint={source}",
-                                   *shlex.split(adapt_args)),
-            after=f"source_{s_name}_seed{seed}", source=s_name, target=t_name, seed=seed))
-      arrays.append(Array(label, tuple(runs), after=f"source_{s_name}"))
+      for method, variant, overrides in rows:
+        label = (f"{s_name}2{t_name}" + (f"_{method}" if method else "")
+                 + (f"-{variant}" if variant else ""))
+        runs = []
+        for seed in seeds:
+          source = os.path.join(root, f"source_{s_name}_seed{seed}")
+          name = f"{label}_seed{seed}"
+          workdir = os.path.join(root, name)
+          runs.append(Job(
+              name, workdir, main + (f"--config={t_path}", f"--workdir={workdir}",
+                                     f"--config.seed={seed}",
+                                     f"--config.source_checkpoint={source}",
+                                     *shlex.split(adapt_args), *overrides),
+              after=f"source_{s_name}_seed{seed}", source=s_name, target=t_name,
+              method=method, variant=variant, seed=seed))
+        arrays.append(Array(label, tuple(runs), after=f"source_{s_name}"))
   labels = [a.label for a in arrays]
   if len(set(labels)) != len(labels):
     raise UserError(f"two arrays share a name in {labels}: name the configs NAME=PATH")

@@ -79,6 +79,60 @@ def test_bad_grids_are_one_line_errors(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+VARIANTS = "no_rel:adapt.class_contrast_weight=0;no_nce:adapt.instance_nce_weight=0,adapt.k=3"
+
+
+def test_methods_and_variants_are_rows_of_the_grid(tmp_path):
+  """--methods x (the method itself + each --variants entry) x sources x targets x seeds: each
+  adaptation run gets --config.method and its variant's overrides; every run is printed."""
+  root = tmp_path / "paper"
+  args = [*_grid_args(root), "--methods=source_only,eercl", f"--variants={VARIANTS}"]
+  proc = _sweep(*args, "--mode=slurm", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  commands = [l for l in out.splitlines() if "eercl_jax.main" in l and "--config.method" in l]
+  assert len(commands) == 2 * 2 * 3 * 2     # targets x methods x (base + 2 variants) x seeds
+  extra = {"": "", "-no_rel": " --config.adapt.class_contrast_weight=0",
+           "-no_nce": " --config.adapt.instance_nce_weight=0 --config.adapt.k=3"}
+  for tgt in ("ck", "jaffe"):
+    for method in ("source_only", "eercl"):
+      for variant, overrides in extra.items():
+        label = f"raf2{tgt}_{method}{variant}"
+        assert f"# array {label}:" in out
+        for seed in (1, 2):
+          assert (f"--workdir={root}/{label}_seed{seed} --config.seed={seed} "
+                  f"--config.source_checkpoint={root}/source_raf_seed{seed} "
+                  f"--config.method={method}{overrides}   (after source_raf task {seed - 1}") in out
+        assert f"--job-name=eercl_{label} " in out
+  sbatch = [l for l in out.splitlines() if l.startswith("sbatch")]
+  assert len(sbatch) == 1 + 12 + 1
+  assert all("--config.method" not in l for l in out.splitlines() if "source_raf.py" in l)
+
+  local = _sweep(*args, "--dry_run", "--devices=cpu:2")
+  assert local.returncode == 0, local.stderr
+  assert len([l for l in local.stdout.splitlines() if "eercl_jax.main" in l]) == 2 + 24
+  assert f"{root}/raf2jaffe_eercl-no_nce_seed2 " in local.stdout
+  # Variants without --methods: the configs' own method, named after the pair.
+  proc = _sweep(*_grid_args(root), "--variants=no_rel:adapt.class_contrast_weight=0",
+                "--dry_run", "--devices=cpu:1")
+  assert proc.returncode == 0, proc.stderr
+  assert f"--workdir={root}/raf2ck-no_rel_seed1 " in proc.stdout
+  assert f"--workdir={root}/raf2ck_seed1 " in proc.stdout
+  assert "--config.method" not in proc.stdout
+
+
+def test_bad_methods_and_variants_are_one_line_errors(tmp_path):
+  for args, text in [(["--methods=eercl,eercl"], "repeated"),
+                     (["--methods=e-rcl"], "--methods"),
+                     (["--variants=no_rel"], "NAME:KEY=VALUE"),
+                     (["--variants=a:x=1;a:y=2"], "repeated"),
+                     (["--variants=a-b:x=1"], "--variants"),
+                     (["--variants=a:novalue"], "KEY=VALUE")]:
+    proc = _sweep(*_grid_args(tmp_path), *args, "--dry_run", "--devices=cpu:1")
+    assert proc.returncode == 2 and text in proc.stderr, (args, proc.stderr)
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
 def _fake_bin(folder, name, body):
   path = folder / name
   path.write_text("#!/usr/bin/env bash\n" + body)

@@ -21,6 +21,14 @@ _SOURCES = flags.DEFINE_list("sources", None, "Source configs, each PATH or NAME
                              "(NAME defaults to the file name without 'source_').")
 _TARGETS = flags.DEFINE_list("targets", [], "Adaptation configs, each PATH or NAME=PATH "
                              "(NAME defaults to the file name without 'adapt_').")
+_METHODS = flags.DEFINE_list(
+    "methods", [], "Adaptation methods, each a row of the table: every adaptation run once per "
+    "method with --config.method=<name>, named <src>2<tgt>_<method>_seed<k> (default: the "
+    "adaptation configs' own method, named <src>2<tgt>_seed<k>).")
+_VARIANTS = flags.DEFINE_string(
+    "variants", "", "Ablations, each a row of its own beside its method: 'NAME:KEY=VALUE[,KEY="
+    "VALUE...][;NAME:...]' runs every adaptation again with --config.KEY=VALUE, named "
+    "<src>2<tgt>_<method>-<NAME>_seed<k>, e.g. 'no_nce:adapt.instance_nce_weight=0'.")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds; adaptation seed k starts from "
                            "source seed k.")
 _MODE = flags.DEFINE_enum("mode", "local", ["local", "slurm"], "Where the runs go.")
@@ -56,7 +64,8 @@ def main(argv) -> int:
   except ValueError:
     raise UserError(f"--seeds: integers expected, got {_SEEDS.value}") from None
   the_grid = grid.build_grid(_ROOT.value, _SOURCES.value or [], _TARGETS.value, seeds,
-                             _PYTHON.value, _SOURCE_ARGS.value, _ADAPT_ARGS.value)
+                             _PYTHON.value, _SOURCE_ARGS.value, _ADAPT_ARGS.value,
+                             methods=_METHODS.value, variants=_VARIANTS.value)
   if _MODE.value == "slurm":
     grid.submit_slurm(the_grid, dry_run=_DRY_RUN.value, gpus_per_run=_GPUS_PER_RUN.value,
                       sbatch_args=_SBATCH_ARGS.value, max_parallel=_MAX_PARALLEL.value,
