@@ -25,8 +25,9 @@ per group of `--gpus_per_run` GPUs), queueing the rest. Both skip runs that fini
 workdir). Each run folder records the command the sweep gave it (RUN_FILE, sweep_run.json); a
 sweep that would give a run another command (other --source_args, another config) refuses,
 naming the runs, instead of reporting the old results as its own. At the end
-`python -m eercl_jax.summarize` writes ROOT/summary.md and ROOT/summary.csv. `--dry_run` prints
-every command and dependency and runs nothing.
+`python -m eercl_jax.summarize` writes the paper's table (methods by targets) as
+ROOT/summary.{md,csv,tex} and the per-group table as ROOT/summary_groups.{md,csv}. `--dry_run`
+prints every command and dependency and runs nothing.
 """
 from __future__ import annotations
 
@@ -284,10 +285,14 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
   return Grid(root, tuple(arrays))
 
 
-def summary_argv(root: str, runs: Sequence[Job], python: str = sys.executable) -> list[str]:
-  """The summary command over the grid's runs (unfinished ones are listed as missing)."""
-  return [python, "-m", "eercl_jax.summarize", f"--out={os.path.join(root, 'summary')}",
-          *(r.workdir for r in runs)]
+def summary_argvs(root: str, runs: Sequence[str], python: str = sys.executable) -> list[list[str]]:
+  """The summary commands over the grid's run folders, in the grid's order (the table's rows
+  and columns follow it; unfinished runs are listed as missing): the paper's layout (methods by
+  targets, at the last step) as ROOT/summary.{md,csv,tex}, the per-group table of every list as
+  ROOT/summary_groups.{md,csv}. `runs` may be ['@FILE'], a file of run folders."""
+  summarize = [python, "-m", "eercl_jax.summarize"]
+  return [summarize + [f"--out={os.path.join(root, 'summary')}", *runs],
+          summarize + ["--layout=groups", f"--out={os.path.join(root, 'summary_groups')}", *runs]]
 
 
 # -------------------------------------------------------------------------------------- SLURM
@@ -302,6 +307,8 @@ def write_task_file(path: str, runs: Sequence[Job]) -> None:
       f.write(f"{run.workdir}\t{run.command()}\n")
 
 
+# The run folders of the grid, one a line, in its order: what the summary job summarises.
+RUNS_FILE = "runs.txt"
 # The summary job reads a few JSON files: one CPU for minutes, whatever the runs' arrays ask.
 SUMMARY_SBATCH_ARGS = "--ntasks=1 --cpus-per-task=1 --mem=2G --time=00:30:00"
 
@@ -335,9 +342,8 @@ def slurm_plan(grid: Grid, *, gpus_per_run: int, sbatch_args: str, max_parallel:
                                         f"--output={logs}/%x_%A_%a.out", SBATCH_SCRIPT,
                                         os.path.join(sweep_dir, f"{array.label}.tsv")]))
   deps = ":".join("{" + a.label + "}" for a in grid.arrays)
-  summarize = (f"{shlex.quote(python)} -m eercl_jax.summarize "
-               f"--out={shlex.quote(os.path.join(root, 'summary'))} "
-               f"{shlex.quote(root)}/*_seed*")
+  summarize = "; ".join(shlex.join(argv) for argv in summary_argvs(
+      root, ["@" + os.path.join(sweep_dir, RUNS_FILE)], python))
   plan.append(("summary", ["sbatch", "--parsable", *shlex.split(summary_sbatch_args),
                            f"--dependency=afterany:{deps}", "--kill-on-invalid-dep=yes",
                            "--job-name=eercl_summary",
@@ -369,6 +375,8 @@ def submit_slurm(grid: Grid, *, dry_run: bool, **plan_kwargs) -> None:
     for array in grid.arrays:
       write_task_file(os.path.join(grid.root, "sweep", f"{array.label}.tsv"), array.runs)
     write_records(runs)
+    with open(os.path.join(grid.root, "sweep", RUNS_FILE), "w", encoding="utf-8") as f:
+      f.write("".join(f"{run.workdir}\n" for run in runs))
   ids = {}
   for label, argv in plan:
     argv = [_fill(a, ids) if a.startswith("--dependency=") else a for a in argv]
@@ -508,9 +516,9 @@ def run_local(root: str, runs: Sequence[Job], slots: Sequence[dict], *, dry_run:
         log = open(os.path.join(root, "logs", f"{run.name}.log"), "ab")  # pylint: disable=consider-using-with
         print(f"start: {run.name} on {slots[slot]}: {run.command()}", flush=True)
         write_record(run)
-        proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **slots[slot]}, start_new_session=True,
-                                preexec_fn=_parent_death_signal())  # pylint: disable=subprocess-popen-preexec-fn
+        proc = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
+            run.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slots[slot]},
+            start_new_session=True, preexec_fn=_parent_death_signal())
         log.close()
         active[run.name] = (proc, slot)
       time.sleep(poll_s)

@@ -53,7 +53,9 @@ def test_dry_run_prints_every_command_and_dependency(tmp_path):
     assert line.endswith(f"{root}/sweep/raf2{tgt}.tsv")
   assert ("--dependency=afterany:<source_raf job id>:<raf2ck job id>:<raf2jaffe job id>"
           in sbatch[3])
-  assert f"eercl_jax.summarize --out={root}/summary {root}/*_seed*" in sbatch[3]
+  assert (f"--wrap=py -m eercl_jax.summarize --out={root}/summary @{root}/sweep/runs.txt; "
+          f"py -m eercl_jax.summarize --layout=groups --out={root}/summary_groups "
+          f"@{root}/sweep/runs.txt") in sbatch[3]
   assert not root.exists()  # nothing written, nothing run
 
   local = _sweep(*_grid_args(root), "--dry_run", "--devices=0,1,2,3", "--gpus_per_run=2")
@@ -61,7 +63,9 @@ def test_dry_run_prints_every_command_and_dependency(tmp_path):
   lines = local.stdout.splitlines()
   assert len([x for x in lines if "eercl_jax.main" in x]) == 6
   assert "# 2 at a time: CUDA_VISIBLE_DEVICES='0,1', CUDA_VISIBLE_DEVICES='2,3'" in lines
-  assert lines[-1].startswith("py -m eercl_jax.summarize")
+  assert lines[-2].startswith(f"py -m eercl_jax.summarize --out={root}/summary {root}/source_raf")
+  assert lines[-1].startswith(f"py -m eercl_jax.summarize --layout=groups "
+                              f"--out={root}/summary_groups {root}/source_raf_seed1 ")
 
 
 def test_bad_grids_are_one_line_errors(tmp_path):
@@ -157,6 +161,10 @@ def test_submission_chains_the_arrays_with_real_job_ids(tmp_path):
   assert "--array=0-1%3" in submitted[0]
   assert "--dependency=aftercorr:101" in submitted[1] and "--dependency=aftercorr:101" in submitted[2]
   assert "--dependency=afterany:101:102:103" in submitted[3]
+  # The summary's run folders, in the grid's order.
+  assert (root / "sweep" / "runs.txt").read_text().splitlines() == [
+      f"{root}/{name}" for name in ("source_raf_seed1", "source_raf_seed2", "raf2ck_seed1",
+                                    "raf2ck_seed2", "raf2jaffe_seed1", "raf2jaffe_seed2")]
   # The task files: line i = array task i (workdir, tab, command); adaptation i <- source i.
   source_tasks = (root / "sweep" / "source_raf.tsv").read_text().splitlines()
   ck_tasks = (root / "sweep" / "raf2ck.tsv").read_text().splitlines()
@@ -530,9 +538,13 @@ def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path)
   assert "resumed from" in (root / "logs" / f"{first}.log").read_text()
   for name in ("source_demo_seed1", "source_demo_seed2", "demo2demo_seed1", "demo2demo_seed2"):
     assert (root / name / "results.json").is_file(), name
-  table = (root / "summary.md").read_text()
-  assert "demo2demo" in table and "source_demo" in table
-  assert (root / "summary.csv").is_file()
+  table = (root / "summary.md").read_text()      # the paper's layout: methods by targets
+  assert "| method | demo | Mean |" in table
+  assert "| eercl | " in table and "| source_only | " in table
+  groups = (root / "summary_groups.md").read_text()
+  assert "demo2demo" in groups and "source_demo" in groups
+  for name in ("summary.csv", "summary.tex", "summary_groups.csv"):
+    assert (root / name).is_file(), name
   results = [json.loads((root / f"demo2demo_seed{k}" / "results.json").read_text())
              for k in (1, 2)]
   assert [r["seed"] for r in results] == [1, 2]

@@ -74,11 +74,11 @@ def main(argv) -> int:
   slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
   runs = the_grid.runs()
   status = grid.run_local(_ROOT.value, runs, slots, dry_run=_DRY_RUN.value)
-  summary = grid.summary_argv(_ROOT.value, runs, _PYTHON.value)
-  if _DRY_RUN.value:
-    print(shlex.join(summary))
-  elif status != constants.EXIT_PREEMPTED:
-    subprocess.run(summary, check=False)
+  for summary in grid.summary_argvs(_ROOT.value, [r.workdir for r in runs], _PYTHON.value):
+    if _DRY_RUN.value:
+      print(shlex.join(summary))
+    elif status != constants.EXIT_PREEMPTED:
+      subprocess.run(summary, check=False)
   return status
 
 
