@@ -235,6 +235,9 @@ def build_grid(root: str, sources: Sequence[str], targets: Sequence[str], seeds:
   beside the method's, its overrides appended last."""
   if not sources:
     raise UserError("--sources: at least one source config is needed")
+  # Absolute: the recorded commands then name the same folders from wherever the sweep is
+  # started again (a relative and an absolute --root are one sweep).
+  root = os.path.abspath(root)
   if len(set(seeds)) != len(seeds):
     raise UserError(f"--seeds: repeated seeds in {list(seeds)}")
   src = [_named(s, "source_") for s in sources]

@@ -385,6 +385,10 @@ def test_a_changed_sweep_is_refused_by_name(tmp_path):
     assert "--config.num_steps=5" in err and "delete" in err and "--root" in err
     assert "finished already" not in proc.stdout
   assert len(calls.read_text().splitlines()) == submitted   # nothing submitted
+  # The same sweep with a relative root: the same runs.
+  proc = _sweep(f"--root={os.path.relpath(root, REPO)}", *_grid_args(root)[1:],
+                "--dry_run", "--devices=cpu:1", env=env)
+  assert proc.returncode == 0 and "[finished: skipped]" in proc.stdout, proc.stderr
 
 
 def test_local_runner_records_each_runs_command(tmp_path):

@@ -73,8 +73,8 @@ def main(argv) -> int:
     return 0
   slots = grid.device_slots(_DEVICES.value, _GPUS_PER_RUN.value)
   runs = the_grid.runs()
-  status = grid.run_local(_ROOT.value, runs, slots, dry_run=_DRY_RUN.value)
-  for summary in grid.summary_argvs(_ROOT.value, [r.workdir for r in runs], _PYTHON.value):
+  status = grid.run_local(the_grid.root, runs, slots, dry_run=_DRY_RUN.value)
+  for summary in grid.summary_argvs(the_grid.root, [r.workdir for r in runs], _PYTHON.value):
     if _DRY_RUN.value:
       print(shlex.join(summary))
     elif status != constants.EXIT_PREEMPTED:
