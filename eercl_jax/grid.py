@@ -1,5 +1,5 @@
-"""A paper table as one grid of runs: sources x targets x seeds, then one summary table (the
-command: `python -m eercl_jax.sweep`, eercl_jax/tools/sweep.py).
+"""A paper table as one grid of runs: sources x targets x methods x variants x seeds, then the
+summary tables (the command: `python -m eercl_jax.sweep`, eercl_jax/tools/sweep.py).
 
     python -m eercl_jax.sweep --root=runs/paper --sources=configs/source_raf.py \
         --targets=configs/adapt_ck.py,configs/adapt_jaffe.py --seeds=1,2,3 --mode=slurm
@@ -16,18 +16,18 @@ more per variant (its overrides appended) as ROOT/<src>2<tgt>_<m>-<variant>_seed
 the paper's table (methods and ablations) by its columns (targets).
 
 `--mode=slurm` submits, per source config, its runs (one per seed) as one SLURM array, and per
-source and target the adaptation runs as an array whose task i waits for task i of its own
-source's array, the run of the same seed (`--dependency=aftercorr`), then a summary job with
-its own small resources. A task whose source task failed is cancelled (`--kill-on-invalid-dep`),
-so nothing waits forever. `--mode=local` runs the same grid on this machine, one run per GPU (or
-per group of `--gpus_per_run` GPUs), queueing the rest. Both skip runs that finished (their
-`results.json` exists) and resume interrupted ones (rerunning a run's command resumes its
-workdir). Each run folder records the command the sweep gave it (RUN_FILE, sweep_run.json); a
-sweep that would give a run another command (other --source_args, another config) refuses,
-naming the runs, instead of reporting the old results as its own. At the end
-`python -m eercl_jax.summarize` writes the paper's table (methods by targets) as
-ROOT/summary.{md,csv,tex} and the per-group table as ROOT/summary_groups.{md,csv}. `--dry_run`
-prints every command and dependency and runs nothing.
+source, target, method and variant the adaptation runs (one per seed) as an array whose task i waits
+for task i of its own source's array, the run of the same seed (`--dependency=aftercorr`), then a
+summary job with its own small resources. A task whose source task failed is cancelled
+(`--kill-on-invalid-dep`), so nothing waits forever. `--mode=local` runs the same grid on this
+machine, one run per GPU (or per group of `--gpus_per_run` GPUs), queueing the rest. Both skip runs
+that finished (their `results.json` exists) and resume interrupted ones (rerunning a run's command
+resumes its workdir). Each run folder records the command the sweep gave it (RUN_FILE,
+sweep_run.json); a sweep that would give a run another command (other --source_args, another config)
+refuses, naming the runs, instead of reporting the old results as its own. At the end `python -m
+eercl_jax.summarize` writes the paper's table (methods by targets) as ROOT/summary.{md,csv,tex} and
+the per-group table as ROOT/summary_groups.{md,csv}. `--dry_run` prints every command and dependency
+and runs nothing.
 """
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
-"""Runs a paper table as one grid: sources x targets x seeds, then one summary table (the
-library: eercl_jax/grid.py, whose docstring describes the grid and its run names).
+"""Runs a paper table as one grid: sources x targets x methods x variants x seeds, then the
+summary tables (the library: eercl_jax/grid.py, whose docstring describes the grid and its run
+names).
 
     python -m eercl_jax.sweep --root=runs/paper --sources=configs/source_raf.py \
-        --targets=configs/adapt_ck.py,configs/adapt_jaffe.py --seeds=1,2,3 --mode=slurm
+        --targets=configs/adapt_ck.py,configs/adapt_jaffe.py --seeds=1,2,3 --mode=slurm \
+        [--methods=tent,shot,eercl] [--variants='no_nce:adapt.instance_nce_weight=0']
+
+A user mistake (a missing config, a run recorded with another command) is one line `error: ...`
+and exit status 2.
 """
 from __future__ import annotations
 
