@@ -524,9 +524,9 @@ def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path)
   try:
     _wait_for(out, "start: demo2demo_seed", proc)
     first = "demo2demo_seed1" if "start: demo2demo_seed1" in out.read_text() else "demo2demo_seed2"
-    _wait_for(root / "logs" / f"{first}.log", "step 3", proc)
+    _wait_for(root / "logs" / f"{first}.log", "step 3/", proc)   # the progress line
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == constants.EXIT_PREEMPTED
+    assert proc.wait(timeout=300) == constants.EXIT_PREEMPTED
   finally:
     if proc.poll() is None:
       proc.kill()
