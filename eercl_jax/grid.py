@@ -61,7 +61,7 @@ def sbatch_script() -> str:
 # What a run was started with, in its workdir: written when the sweep submits (slurm) or starts
 # (local) the run, compared whenever a sweep meets the run again (here and in launch/sweep.sbatch,
 # which names the file too), read by the results tables for the run's labels.
-RUN_FILE = "sweep_run.json"
+RUN_FILE = constants.SWEEP_RUN_FILE
 
 
 @dataclasses.dataclass(frozen=True)

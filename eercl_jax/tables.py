@@ -35,7 +35,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from eercl_jax import constants, grid
+from eercl_jax import constants
 
 _SEED_SUFFIX = re.compile(r"_seed\d+$")
 # (column label, results.json entry, key); accuracies are fractions there, percent here.
@@ -191,7 +191,7 @@ class Entry:
 
 def _read_record(run_dir: str) -> dict:
   try:
-    with open(os.path.join(run_dir, grid.RUN_FILE), encoding="utf-8") as f:
+    with open(os.path.join(run_dir, constants.SWEEP_RUN_FILE), encoding="utf-8") as f:
       record = json.load(f)
     return record if isinstance(record, dict) else {}
   except (OSError, ValueError):
