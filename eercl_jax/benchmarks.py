@@ -180,7 +180,9 @@ def write_images(root: str, count: int, px: int, distinct: int = 16) -> str:
   """`count` JPEG files of `px` x `px` synthetic faces under `root/fer` and their list
   (labels cycle through the classes); `distinct` faces are drawn and their bytes reused, since
   decoding cost does not depend on which face a file holds. Returns the list path."""
-  from eercl_jax.data.datasets import synthetic  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.data import lists
+  from eercl_jax.data.datasets import synthetic
   image_root = os.path.join(root, "fer")
   os.makedirs(os.path.join(image_root, "bench"), exist_ok=True)
   blobs = []
@@ -195,17 +197,17 @@ def write_images(root: str, count: int, px: int, distinct: int = 16) -> str:
     rel = f"bench/{i:06d}.jpg"
     with open(os.path.join(image_root, rel), "wb") as f:
       f.write(blobs[i % len(blobs)])
-    lines.append(f"{rel} {i % len(blobs) % len(synthetic.CLASSES)}\n")
+    lines.append((rel, i % len(blobs) % len(synthetic.CLASSES)))
   list_path = os.path.join(root, f"bench_{count}_{px}.txt")
-  with open(list_path, "w") as f:
-    f.writelines(lines)
+  lists.write_list(list_path, lines, synthetic.CLASSES)   # with its class-order file
   return list_path
 
 
 def read_bench_list(list_path: str, class_names):
   from eercl_jax.data import lists  # pylint: disable=import-outside-toplevel
   return lists.read_list(list_path, os.path.join(os.path.dirname(list_path), "fer"),
-                         class_names, check_images="none")
+                         class_names, check_images="none",
+                         names_from="config.data.class_names")
 
 
 def _image_px(list_path: str) -> int:

@@ -195,7 +195,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   else:   # the run's own evaluation lists, the target first
     list_paths = dict(sorted(c.data.eval_lists.items(), key=lambda kv: kv[0] != "target"))
   c.data.format = "folder"   # eval mode reads the lists' image files
-  evals = {name: run_lists.read_list(path, c.data) for name, path in list_paths.items()}
+  # The class names are the checkpoint's: a list of another class order is refused by name.
+  evals = {name: run_lists.read_list(path, c.data,
+                                     names_from="the checkpoint's config.data.class_names")
+           for name, path in list_paths.items()}
   evaluator = evaluation.Evaluator.from_config(c, loaded.model, mesh)
   results = evaluator.evaluate(loaded.variables, evals)
   document = evaluation_document(loaded, results, list_paths)

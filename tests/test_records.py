@@ -4,9 +4,11 @@ shared tiny source run (the tables of `eercl_jax.summarize`: tests/test_tables.p
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -246,3 +248,18 @@ def test_mode_keys_are_validated():
   c.mode, c.eval.checkpoint = "eval", ""
   with pytest.raises(ValueError, match="config.eval.checkpoint: is empty"):
     config_defaults.validate(c, num_devices=1)
+
+
+def test_eval_mode_refuses_a_list_of_another_class_order(tmp_path, monkeypatch):
+  """The 19%-instead-of-100% case: a list built for another class order is refused by name
+  before any image is read (the checkpoint is stood in for: only its config is used first)."""
+  config = _eval_config(lists=f"other={tmp_path / 'other.txt'}")
+  stored = demo_source.get_config()
+  stored.data.class_names = ("surprise", "fear", "disgust", "happy", "sad", "angry", "neutral")
+  lists.write_list(str(tmp_path / "other.txt"), [("x/0.jpg", 0)], sorted(stored.data.class_names))
+  monkeypatch.setattr(inference, "load", lambda *a, **k: types.SimpleNamespace(config=stored))
+  with pytest.raises(DataError, match=re.escape(
+      f"{tmp_path / 'other.txt'}: labels index (angry, disgust, fear, happy, neutral, sad, "
+      "surprise)") + r".* but the checkpoint's config\.data\.class_names is \(surprise, fear, "
+                     r"disgust, happy, sad, angry, neutral\): the same names in another order"):
+    inference.evaluate_checkpoint(config, str(tmp_path))
