@@ -189,8 +189,9 @@ def _check_saved_model(folder, loaded):
       scale = max(1.0, float(np.max(np.abs(want[k]))))
       np.testing.assert_allclose(got[k], want[k], atol=SERVING_TOL * scale, rtol=0, err_msg=k)
       diff = float(np.max(np.abs(got[k] - want[k])))
-      worst[k] = max(worst.get(k, (0.0,))[0], diff), scale, diff / scale
-  print("SavedModel vs JAX, (max |difference|, max(1, max |output|), ratio):", worst)
+      worst[k] = max(worst.get(k, (0.0,)), (diff / scale, diff, scale))
+  print("SavedModel vs JAX, (max |difference| / scale, max |difference|, scale = max(1, "
+        "max |output|)):", worst)
 
 
 def test_saved_model_equals_the_jax_model_vit(exported_vit, loaded_vit):
