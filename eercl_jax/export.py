@@ -74,7 +74,7 @@ def write_model(out: str, model_config, variables: dict, class_names, view: dict
   return out
 
 
-def export_model(checkpoint: str, out: str, which: str = "best", fmt: str = "saved_model") -> str:
+def export_model(checkpoint: str, out: str, which: str = "auto", fmt: str = "saved_model") -> str:
   """Writes the model of `checkpoint` (anything `inference.load` takes: a run's workdir - its
   best/ unless which='latest' -, a checkpoint or step folder, or an exported model) to the new
   folder `out` (see `write_model`); the model, classes and test view come from the checkpoint's
