@@ -25,10 +25,12 @@ with random weights and random images:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -441,7 +443,9 @@ def smoke(source_config, adapt_config, steps: int, tmp: str, dev: dict) -> Figur
       c.source_checkpoint = os.path.join(root, "source")
       c.adapt.refresh_every = max(1, steps // 2)
     t0 = time.perf_counter()
-    out = trainer.train_and_evaluate(c, os.path.join(root, stage))
+    # The run's closing summary line goes to stderr: the bench's stdout is JSON lines only.
+    with contextlib.redirect_stdout(sys.stderr):
+      out = trainer.train_and_evaluate(c, os.path.join(root, stage))
     yield figure(f"smoke/{stage}/wall_s", time.perf_counter() - t0, "s", section="smoke",
                  steps=steps, size=c.model.size, crop=c.data.crop, dtype=c.model.dtype,
                  batch=c.batch_size, target_accuracy=out["final"].get("target"), **dev)
