@@ -73,6 +73,9 @@ class Evaluator:
   loader:      how the lists are read (test view sizes, workers, this process's rows).
   batch_size:  the global evaluation batch.
   class_names: the classes the logits index.
+
+  `forward` is the jitted forward itself, (variables, uint8 images) -> (L2-normalised features,
+  logits), for callers that lower or compile it (tests/test_cuda_lowering.py).
   """
 
   def __init__(self, model, norm: pipelines.Normalization, mesh, loader: pipelines.Loader,
@@ -83,7 +86,7 @@ class Evaluator:
     def forward(variables, images):
       feat, logits = model.apply(variables, norm(images), train=False)
       return losses.l2_normalize(feat), logits
-    self._forward = jax.jit(forward)
+    self.forward = jax.jit(forward)
 
   @classmethod
   def from_config(cls, config, model, mesh, batch_size: int | None = None) -> "Evaluator":
@@ -95,11 +98,11 @@ class Evaluator:
   # ------------------------------------------------------------------------------ one batch
 
   def logits(self, variables: dict, images) -> jax.Array:
-    return self._forward(variables, images)[1]
+    return self.forward(variables, images)[1]
 
   def embed(self, variables: dict, images) -> tuple[jax.Array, jax.Array]:
     """(L2-normalised features f, class probabilities): what the adaptation's banks store."""
-    feat, logits = self._forward(variables, images)
+    feat, logits = self.forward(variables, images)
     return feat, jax.nn.softmax(logits, -1)
 
   # ----------------------------------------------------------------------------- whole lists
@@ -133,7 +136,7 @@ class Evaluator:
     feats = probs = None
     for host in self._batches(fer_list, desc):
       b = parallel.shard_batch(host, self.mesh)
-      f, logits = self._forward(variables, b["image"])
+      f, logits = self.forward(variables, b["image"])
       f, logits = gather_rows(f).astype(np.float32), gather_rows(logits).astype(np.float32)
       index, valid = gather_rows(b["index"]), gather_rows(b["valid"])
       if feats is None:

@@ -205,8 +205,10 @@ def state_shardings(state: AdaptState, mesh, shard_banks: bool):
 # Bank refresh and clustering (eval mode, full pass over the target list)
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("teacher",))
-def _write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat, t_score,
-                   teacher: bool):
+def write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat, t_score,
+                  teacher: bool):
+  """One refresh batch's online (and with `teacher`, the teacher's) features and scores written
+  into the banks' rows `idx`. Public, like `cluster_banks`, so that tests can lower them."""
   # Rows outside the list (padding, or rows the faithful mode drops) are pointed past the end
   # and dropped by the scatter.
   idx = jnp.where(valid, idx, banks.feat.shape[0])
@@ -220,7 +222,9 @@ def _write_refresh(banks: bank_lib.Banks, idx, valid, feat, score, label, t_feat
 
 
 @functools.partial(jax.jit, static_argnames=("threshold", "num_images"), donate_argnums=0)
-def _cluster(banks: bank_lib.Banks, threshold: int, num_images: int):
+def cluster_banks(banks: bank_lib.Banks, threshold: int, num_images: int):
+  """The refresh's re-clustering: new prototypes from the online banks' first `num_images`
+  rows, with the argmax and cluster accuracies of those rows (monitoring only)."""
   valid = jnp.arange(banks.feat.shape[0]) < num_images   # rows past N pad a sharded bank
   labels, prototypes = losses.cluster_prototypes(banks.feat, banks.score, threshold=threshold,
                                                  valid=valid)
@@ -276,9 +280,9 @@ def refresh_banks(state: AdaptState, target_list, refresh_index: int, *, evaluat
     t_feat, t_score = (evaluator.embed({"params": state.teacher_params,
                                         "batch_stats": state.teacher_batch_stats}, images)
                        if with_teacher else (feat, score))
-    banks = _write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
-                           t_score, with_teacher)
-  banks, argmax_acc, acc = _cluster(banks, s.cluster_min_size, len(target_list))
+    banks = write_refresh(banks, b["index"], b["valid"], feat, score, b["label"], t_feat,
+                          t_score, with_teacher)
+  banks, argmax_acc, acc = cluster_banks(banks, s.cluster_min_size, len(target_list))
   banks = jax.device_put(banks, shardings.banks)
   stats = {"refresh/argmax_acc": float(argmax_acc), "refresh/cluster_acc": float(acc)}
   return state.replace(banks=banks), stats
