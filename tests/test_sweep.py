@@ -508,22 +508,24 @@ def _wait_for(path, text, proc, timeout=300):
 
 @pytest.mark.slow
 def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path):
-  """2 seeds x 1 target on the synthetic data, two CPU runs at a time: SIGTERM while an
-  adaptation runs, rerun: finished runs are skipped, the others resume, the summary is written."""
+  """Two methods x two targets on the synthetic data, two CPU runs at a time: SIGTERM while an
+  adaptation runs, rerun: finished runs are skipped, the others resume, and the sweep ends with
+  the paper's table - methods by targets, the source-only row first."""
   root = tmp_path / "grid"
   flags = " ".join(["--config.num_steps=6", "--config.log_every=3",
                     "--config.eval_every=3", "--config.checkpoint_every=3"])
+  target = f"{REPO}/configs/demo_adapt.py:runlocal"
   args = [sys.executable, "-m", "eercl_jax.sweep", f"--root={root}",
           f"--sources=demo={REPO}/configs/demo_source.py:runlocal",
-          f"--targets=demo={REPO}/configs/demo_adapt.py:runlocal", "--seeds=1,2", "--devices=cpu:2",
-          f"--source_args={flags}", f"--adapt_args={flags}"]
+          f"--targets=wild={target},wild2={target}", "--methods=eercl,tent", "--seeds=1",
+          "--devices=cpu:2", f"--source_args={flags}", f"--adapt_args={flags}"]
   env = dict(os.environ, PYTHONPATH=REPO)
   out = tmp_path / "runner.out"
   with open(out, "w", encoding="utf-8") as f:
     proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
   try:
-    _wait_for(out, "start: demo2demo_seed", proc)
-    first = "demo2demo_seed1" if "start: demo2demo_seed1" in out.read_text() else "demo2demo_seed2"
+    _wait_for(out, "start: demo2wild_eercl_seed1", proc)
+    first = "demo2wild_eercl_seed1"
     _wait_for(root / "logs" / f"{first}.log", "step 3/", proc)   # the progress line
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == constants.EXIT_PREEMPTED
@@ -531,24 +533,32 @@ def test_single_node_runner_interrupted_rerun_and_summarised(data_dir, tmp_path)
     if proc.poll() is None:
       proc.kill()
   text = out.read_text()
-  assert "finished: source_demo_seed1" in text and "finished: source_demo_seed2" in text
+  assert "finished: source_demo_seed1" in text
   assert f"interrupted: {first}" in text
 
   rerun = subprocess.run(args, cwd=data_dir, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=900)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert "finished already: source_demo_seed1" in rerun.stdout
   assert "start: source_demo" not in rerun.stdout
   assert "resumed from" in (root / "logs" / f"{first}.log").read_text()
-  for name in ("source_demo_seed1", "source_demo_seed2", "demo2demo_seed1", "demo2demo_seed2"):
+  runs = ["source_demo_seed1"] + [f"demo2{t}_{m}_seed1" for t in ("wild", "wild2")
+                                  for m in ("eercl", "tent")]
+  for name in runs:
     assert (root / name / "results.json").is_file(), name
+  results = {m: json.loads((root / f"demo2wild_{m}_seed1" / "results.json").read_text())
+             for m in ("eercl", "tent")}
+  assert {m: r["method"] for m, r in results.items()} == {"eercl": "eercl", "tent": "tent"}
   table = (root / "summary.md").read_text()      # the paper's layout: methods by targets
-  assert "| method | demo | Mean |" in table
-  assert "| eercl | " in table and "| source_only | " in table
+  assert "| method | wild | wild2 | Mean |" in table, table
+  rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()
+          if line.startswith("| ") and not line.startswith("| method")]
+  assert rows[:3] == ["source_only", "eercl", "tent"], rows
+  cell = lambda m: round(100 * results[m]["lists"]["target"]["last"]["accuracy"], 2)
+  for m in ("eercl", "tent"):   # one seed: the cell is that run's last-step accuracy
+    assert f"{cell(m):.2f}" in [line for line in table.splitlines()
+                                if line.startswith(f"| {m} ")][0]
   groups = (root / "summary_groups.md").read_text()
-  assert "demo2demo" in groups and "source_demo" in groups
+  assert "demo2wild_eercl" in groups and "source_demo" in groups
   for name in ("summary.csv", "summary.tex", "summary_groups.csv"):
     assert (root / name).is_file(), name
-  results = [json.loads((root / f"demo2demo_seed{k}" / "results.json").read_text())
-             for k in (1, 2)]
-  assert [r["seed"] for r in results] == [1, 2]

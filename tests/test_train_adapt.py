@@ -3,6 +3,7 @@ ring pointers), source-checkpoint checks and the CLI."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,8 +121,20 @@ def test_source_checkpoint_mismatch_names_the_difference(data_dir, source_run, m
     train_adapt.train_and_evaluate(config, str(tmp_path / "bad"))
   config = _config(source_run)
   config.data.class_names = tuple(reversed(config.data.class_names))
-  with pytest.raises(ValueError, match="data.class_names"):
+  # The synthetic lists carry their class order: refused at the list, before the checkpoint.
+  with pytest.raises(ValueError, match=r"labels index \(angry, .* but config\.data\.class_names "
+                                       r"is \(surprise, .*the same names in another order"):
     train_adapt.train_and_evaluate(config, str(tmp_path / "bad2"))
+  # Lists without a class-order file read (with a warning): the checkpoint's names refuse them.
+  for name, path in [("train", config.data.train_list), *config.data.eval_lists.items()]:
+    bare = str(tmp_path / f"bare_{name}.txt")
+    shutil.copyfile(path, bare)
+    if name == "train":
+      config.data.train_list = bare
+    else:
+      config.data.eval_lists[name] = bare
+  with pytest.raises(ValueError, match="data.class_names: checkpoint"):
+    train_adapt.train_and_evaluate(config, str(tmp_path / "bad2b"))
   with pytest.raises(FileNotFoundError, match="does-not-exist"):
     train_adapt.train_and_evaluate(_config("does-not-exist"), str(tmp_path / "bad3"))
 

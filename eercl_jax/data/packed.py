@@ -163,10 +163,14 @@ def _builder_class():
 def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequence[str],
               resize: int | None = None, *, allow_outside_root: bool = False,
               overwrite: bool = False, num_threads: int | None = None,
+              names_from: str = "class_names",
               progress: Callable[[int, int], None] | None = None) -> str:
   """Packs `list_path` (paths relative to `image_root`) into `out_dir`; returns its absolute
   path, the directory `packed.check`/`packed.open_source` take. A run with
   `config.data.format='packed'` expects the set of list X at `<packed_root>/<stem of X>`.
+  `class_names` must be the order of the list's class-order file when it has one (a
+  DataError naming both otherwise; `names_from` says where they came from); they are recorded
+  in the set's metadata, which the runs check against `config.data.class_names`.
   `progress(done, total)`, when given, is called as images are written (and tfds's own
   progress bars are off)."""
   out_dir = os.path.abspath(out_dir)
@@ -179,7 +183,7 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
                             "--overwrite to replace it)")
   # Every image is decoded below anyway: 'exists' here, decode failures name the line there.
   fer_list = lists.read_list(list_path, image_root, tuple(class_names), check_images="exists",
-                             allow_outside_root=allow_outside_root)
+                             allow_outside_root=allow_outside_root, names_from=names_from)
   _remove_stale_partials(out_dir)
   tmp = f"{out_dir}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

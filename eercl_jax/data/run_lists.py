@@ -34,8 +34,10 @@ def prepare(data_config) -> None:
     multihost_utils.sync_global_devices("synthetic data generated")
 
 
-def read_list(path: str, data_config) -> lists.FerList:
-  """One list of the run with the run's checks; attached to its packed set when
+def read_list(path: str, data_config,
+              names_from: str = "config.data.class_names") -> lists.FerList:
+  """One list of the run with the run's checks (its class-order file against
+  `data.class_names`, named `names_from` in the messages); attached to its packed set when
   `data.format='packed'` (the packed set holds the pixels, checked against the list, so the
   image files are not looked at)."""
   d = data_config
@@ -43,7 +45,7 @@ def read_list(path: str, data_config) -> lists.FerList:
   fl = lists.read_list(path, d.image_root, tuple(d.class_names),
                        check_images="none" if packed_format else d.check_images,
                        skip_bad_images=d.skip_bad_images,
-                       allow_outside_root=d.allow_outside_root)
+                       allow_outside_root=d.allow_outside_root, names_from=names_from)
   if packed_format:
     fl = packed.attach(fl, d.packed_root, d.resize, verify=d.get("verify_packed", True))
   return fl
@@ -115,7 +117,8 @@ def pack_run_lists(data_config, resize: Optional[int], *, overwrite: bool = Fals
   for out, path in targets.items():
     # As a run with data.format='packed' reads it (the images are checked by the pack itself).
     fl = lists.read_list(path, d.image_root, tuple(d.class_names), check_images="none",
-                         allow_outside_root=d.allow_outside_root)
+                         allow_outside_root=d.allow_outside_root,
+                         names_from="config.data.class_names")
     existed = os.path.isdir(out) and bool(os.listdir(out))
     reason = "--overwrite" if overwrite and existed else repack_reason(fl, out, resize)
     entry = {"list": path, "packed_dir": out, "count": len(fl), "reason": reason}
@@ -124,5 +127,6 @@ def pack_run_lists(data_config, resize: Optional[int], *, overwrite: bool = Fals
       continue
     packed.pack_list(path, d.image_root, out, tuple(d.class_names), resize,
                      allow_outside_root=d.allow_outside_root, overwrite=True,
+                     names_from="config.data.class_names",
                      progress=None if progress is None else progress(os.path.basename(out)))
     yield {**entry, "outcome": "repacked" if existed else "packed"}
