@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -50,6 +51,23 @@ def step_folder(directory: str, step: int) -> str:
   return os.path.join(os.path.abspath(directory), str(step))
 
 
+def _quiet_aborted_reads() -> None:
+  """After a failed restore, TensorStore's reads still in flight complete onto orbax's asyncio
+  loop, already closed: each prints a bare 'RuntimeError: Event loop is closed' traceback
+  (through sys.unraisablehook), after or amid the one-line error. Those, and only those, are
+  dropped from then on; every other unraisable exception goes to the hook in place before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "eercl_quiet_aborted_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.eercl_quiet_aborted_reads = True
+  sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _reading(directory: str, step: int) -> Iterator[None]:
   """Any failure to read the step's files (orbax, TensorStore, JSON) becomes one
@@ -59,6 +77,7 @@ def _reading(directory: str, step: int) -> Iterator[None]:
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
+    _quiet_aborted_reads()
     raise UnreadableCheckpoint(step_folder(directory, step), step, cause(e)) from e
 
 
@@ -294,6 +313,7 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
+    _quiet_aborted_reads()
     # A damaged file or a checkpoint of another model (the metadata checks of the callers
     # catch most of the latter before): one line naming the step folder either way.
     raise CheckpointError(
