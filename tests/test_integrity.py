@@ -417,3 +417,38 @@ def test_pack_command_with_a_config_packs_every_list_then_skips_them(tmp_path):
   bad = run("--resize=big")
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
       "error: --resize='big': expected a positive size"), bad.stderr[-2000:]
+
+
+def test_a_pack_killed_outright_leaves_a_partial_folder_the_next_pack_removes(root, tmp_path):
+  d = _data_config(root, tmp_path / "packed")
+  dead = tmp_path / "packed" / f"train.partial-{2 ** 22 + 1}"   # above any pid_max: no process
+  os.makedirs(dead / "fer_list")
+  assert [o["outcome"] for o in run_lists.pack_run_lists(d, None)] == ["packed", "packed"]
+  assert sorted(os.listdir(tmp_path / "packed")) == ["test", "train"]
+
+
+@pytest.mark.slow
+def test_a_run_on_a_damaged_packed_set_stops_at_start_naming_the_set_and_file(tmp_path):
+  config = [f"--config={REPO}/configs/demo_source.py:runlocal",
+            f"--config.data.packed_root={tmp_path / 'packed'}"]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  pack = subprocess.run([sys.executable, "-m", "eercl_jax.data.pack", *config], cwd=str(tmp_path),
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert pack.returncode == 0, pack.stderr[-3000:]
+  train_set = pack.stdout.splitlines()[0].split(" -> ")[1].split(" (")[0]
+  record = sorted(glob.glob(os.path.join(train_set, "fer_list", "1.0.0", "*.array_record*")))[0]
+  with open(record, "r+b") as f:           # 64 bytes inverted mid-file: the size stays
+    f.seek(os.path.getsize(record) // 2)
+    data = f.read(64)
+    f.seek(-len(data), os.SEEK_CUR)
+    f.write(bytes(255 - b for b in data))
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "eercl_jax.main", *config, f"--workdir={workdir}",
+                         "--config.data.format=packed"],
+                        cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: packed set {train_set}: record file {os.path.basename(record)} "
+                         "is corrupt or truncated (sha256 mismatch)"), last
+  assert "Traceback" not in proc.stderr
+  assert not glob.glob(str(workdir / "checkpoints" / "*"))   # stopped before any step
