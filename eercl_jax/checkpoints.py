@@ -54,8 +54,9 @@ def step_folder(directory: str, step: int) -> str:
 def _quiet_aborted_reads() -> None:
   """After a failed restore, TensorStore's reads still in flight complete onto orbax's asyncio
   loop, already closed: each prints a bare 'RuntimeError: Event loop is closed' traceback
-  (through sys.unraisablehook), after or amid the one-line error. Those, and only those, are
-  dropped from then on; every other unraisable exception goes to the hook in place before."""
+  (through sys.unraisablehook), before, after or amid the one-line error. Those, and only
+  those, are dropped once a checkpoint is read; every other unraisable exception goes to the
+  hook in place before."""
   previous = sys.unraisablehook
   if getattr(previous, "eercl_quiet_aborted_reads", False):
     return
@@ -72,12 +73,12 @@ def _quiet_aborted_reads() -> None:
 def _reading(directory: str, step: int) -> Iterator[None]:
   """Any failure to read the step's files (orbax, TensorStore, JSON) becomes one
   UnreadableCheckpoint naming the step folder; the user errors raised inside pass."""
+  _quiet_aborted_reads()   # before: the reads left in flight may end before the error is raised
   try:
     yield
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    _quiet_aborted_reads()
     raise UnreadableCheckpoint(step_folder(directory, step), step, cause(e)) from e
 
 
@@ -308,12 +309,12 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       eercl.variable_shapes(model, image_size))
+  _quiet_aborted_reads()
   try:
     return restore_subtree(directory, abstract, step), step
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    _quiet_aborted_reads()
     # A damaged file or a checkpoint of another model (the metadata checks of the callers
     # catch most of the latter before): one line naming the step folder either way.
     raise CheckpointError(

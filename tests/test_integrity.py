@@ -320,7 +320,7 @@ def test_reads_left_in_flight_by_a_failed_restore_print_nothing(model_checkpoint
                                                                 monkeypatch):
   """TensorStore's reads still in flight when a restore fails complete onto orbax's closed event
   loop, each an unraisable 'Event loop is closed' printed as a bare traceback after the error
-  line (now and then: a race). After a failed restore exactly those are dropped."""
+  line (now and then: a race). Once a checkpoint is read exactly those are dropped."""
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
   workdir = _damaged_run(model_checkpoint, tmp_path, _damage_state)
