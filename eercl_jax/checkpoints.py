@@ -5,21 +5,81 @@ best one by the stage's selection rule. Each checkpoint has three items:
   state  - the train-state pytree (params, batch stats, optimiser state, banks, step, rng),
   data   - JSON: the input pipeline's iterator state,
   meta   - JSON: model config, class names, metrics at save time (checked when restoring).
+
+A step folder (`checkpoints/<step>/`, `best/<step>/`) whose files cannot be read (truncated,
+damaged) raises `UnreadableCheckpoint`, a CheckpointError naming the folder: the commands print
+it as one line; a resuming run falls back to its previous step (run.Run.resume).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from eercl_jax.errors import CheckpointError, ConfigError
+from eercl_jax.errors import CheckpointError, ConfigError, UserError
 
 ITEMS = ("state", "data", "meta")
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A step folder whose files orbax cannot read (`folder`: the step folder, `cause`: orbax's or
+  TensorStore's error in a few words)."""
+
+  def __init__(self, folder: str, step: int, cause: str):
+    self.folder, self.step, self.cause = folder, step, cause
+    super().__init__(f"checkpoint folder {folder} (step {step}) is unreadable ({cause}): a "
+                     "truncated or damaged file; restore the folder from a copy, or delete it "
+                     "to use another checkpoint")
+
+
+def cause(e: BaseException) -> str:
+  """An exception in a few words: its type and the start of its message's first line
+  (TensorStore's messages run to pages)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def step_folder(directory: str, step: int) -> str:
+  """The folder of one step of an orbax checkpoint folder."""
+  return os.path.join(os.path.abspath(directory), str(step))
+
+
+def _quiet_aborted_reads() -> None:
+  """After a failed restore, TensorStore's reads still in flight complete onto orbax's asyncio
+  loop, already closed: each prints a bare 'RuntimeError: Event loop is closed' traceback
+  (through sys.unraisablehook), before, after or amid the one-line error. Those, and only
+  those, are dropped once a checkpoint is read; every other unraisable exception goes to the
+  hook in place before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "eercl_quiet_aborted_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.eercl_quiet_aborted_reads = True
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int) -> Iterator[None]:
+  """Any failure to read the step's files (orbax, TensorStore, JSON) becomes one
+  UnreadableCheckpoint naming the step folder; the user errors raised inside pass."""
+  _quiet_aborted_reads()   # before: the reads left in flight may end before the error is raised
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnreadableCheckpoint(step_folder(directory, step), step, cause(e)) from e
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -52,10 +112,39 @@ class RunCheckpoints:
   def latest_step(self):
     return self.latest.latest_step()
 
+  def steps(self) -> list[int]:
+    """The steps of checkpoints/, newest first."""
+    return sorted(self.latest.all_steps(), reverse=True)
+
   def latest_meta(self) -> dict:
     """The metadata of the latest checkpoint (read without restoring its state)."""
-    step = self.latest.latest_step()
-    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self.meta_at(self.latest.latest_step())
+
+  def meta_at(self, step: int) -> dict:
+    """The metadata of checkpoints/<step> (UnreadableCheckpoint if its files are damaged)."""
+    with _reading(self.latest.directory, step):
+      return self.latest.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_at(self, step: int, abstract_state: Any):
+    """(state, data_state, meta) of checkpoints/<step> (UnreadableCheckpoint if its files are
+    damaged)."""
+    return restore(self.latest, step, abstract_state)
+
+  def set_aside(self, step: int, workdir: str) -> str:
+    """Moves the unreadable checkpoints/<step> out of the manager's folder, to
+    <workdir>/unreadable_checkpoints/<step> (kept for a look; orbax would refuse to save that
+    step again and would count it among the kept ones); returns the new place."""
+    where = os.path.join(workdir, "unreadable_checkpoints", str(step))
+    if os.path.exists(where):
+      where = f"{where}.{os.getpid()}"
+    os.makedirs(os.path.dirname(where), exist_ok=True)
+    os.rename(step_folder(str(self.latest.directory), step), where)
+    return where
+
+  def reload(self) -> None:
+    """Re-reads the steps of checkpoints/ (after `set_aside`)."""
+    self.latest.reload()
 
   def drop_best_after(self, step: int) -> list[int]:
     """Deletes best/ checkpoints newer than `step`. A run killed between a best/ save and the
@@ -86,19 +175,23 @@ class RunCheckpoints:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-  out = manager.restore(step, args=args)
+  with _reading(str(manager.directory), step):
+    out = manager.restore(step, args=args)
   return out["state"], out["data"], out["meta"]
 
 
 def read_meta(directory: str) -> tuple[int, dict]:
   """Latest step and metadata of a checkpoint directory (a `checkpoints/` or `best/` folder)."""
   manager = _manager(directory, 1)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no orbax checkpoint found in {directory!r}")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  manager.close()
-  return step, meta
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no orbax checkpoint found in {directory!r}")
+    with _reading(directory, step):
+      return step, manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
 
 
 def read_meta_at(directory: str, step: int) -> dict:
@@ -108,7 +201,8 @@ def read_meta_at(directory: str, step: int) -> dict:
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r} (steps there: "
                               f"{sorted(manager.all_steps())})")
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _reading(directory, step):
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
     manager.close()
 
@@ -117,11 +211,13 @@ def restore_subtree(directory: str, abstract_subtree: dict, step: int | None = N
   """Restores some top-level entries of a checkpoint's `state` item (e.g. only `params` and
   `batch_stats` of a source run) into the shapes, dtypes and shardings of `abstract_subtree`."""
   manager = _manager(directory, 1)
-  step = manager.latest_step() if step is None else step
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
-  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
-  manager.close()
+  try:
+    step = manager.latest_step() if step is None else step
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
   return out["state"]
 
 
@@ -213,12 +309,19 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       eercl.variable_shapes(model, image_size))
+  _quiet_aborted_reads()
   try:
     return restore_subtree(directory, abstract, step), step
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f"could not restore params/batch_stats from {directory} step {step}: "
-                          f"{e}") \
-        from e
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged file or a checkpoint of another model (the metadata checks of the callers
+    # catch most of the latter before): one line naming the step folder either way.
+    raise CheckpointError(
+        f"could not restore params/batch_stats from the checkpoint folder "
+        f"{step_folder(directory, step)} (step {step}): {cause(e)}; if its files are truncated "
+        "or damaged, restore the folder from a copy or delete it to use another "
+        "checkpoint") from e
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from jax.experimental import multihost_utils
 
 from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
                        pictures, records, selection)
-from eercl_jax.data import host, pipelines, run_lists
+from eercl_jax.data import host, packed, pipelines, run_lists
+from eercl_jax.errors import CheckpointError, DataError
 from eercl_jax.models import registry
 
 
@@ -222,6 +223,9 @@ class Run:
     self.history: list[dict] = []      # every evaluation's selection values
     self.start_step = 0
     self.results: dict[str, dict] = {}
+    # {'list', 'count', 'fingerprint'} of the training list once read: in every checkpoint, and
+    # compared at resume (a list edited in place would pair the state with other images).
+    self.train_list: dict | None = None
     self._running = logs.MeanMetrics()
     self._progress = logs.Progress(0, config.num_steps)
     self._schedule = optim.make_schedule(config.optim, config.num_steps)
@@ -258,7 +262,10 @@ class Run:
     """(training list, {name: evaluation list}) of the run, read and checked before any
     training; the built-in synthetic set is generated first when the config asks for it."""
     run_lists.prepare(self.config.data)
-    return run_lists.read_run_lists(self.config.data)
+    train, evals = run_lists.read_run_lists(self.config.data)
+    self.train_list = {"list": train.list_path, "count": len(train),
+                       "fingerprint": packed.list_fingerprint(train)}
+    return train, evals
 
   def set_evaluation(self, model, evals: dict,
                      evaluator: evaluation.Evaluator | None = None) -> None:
@@ -268,19 +275,16 @@ class Run:
     self._evals = evals
 
   def resume(self, state: Any, record: Any = None) -> tuple[Any, Any, Any]:
-    """(state, record, iterator state) of the workdir's latest checkpoint; the given initial
-    state and record (and None) when there is none. The checkpoint's model must match the
-    config, and the config may differ from the checkpoint's only in fields that change neither
-    shapes nor the data stream (`checkpoints.check_resume_config`)."""
-    latest = self.ckpt.latest_step()
+    """(state, record, iterator state) of the workdir's latest readable checkpoint; the given
+    initial state and record (and None) when there is none. The checkpoint's model must match
+    the config, the config may differ from the checkpoint's only in fields that change neither
+    shapes nor the data stream (`checkpoints.check_resume_config`), and the training list must
+    be the one it was trained on (`check_train_list`). An unreadable latest step falls back to
+    the previous one (`_restore_readable`)."""
     iterator_state = None
-    if latest is not None:
-      # Checked before the restore, whose shape errors would not say which setting differs.
-      where = self.ckpt.latest.directory
-      meta = self.ckpt.latest_meta()
-      checkpoints.check_model_meta(meta, self.config, str(where))
-      checkpoints.check_resume_config(meta.get("config", {}), self.config, latest, str(where))
-      state, data, meta = self.ckpt.restore_latest(checkpoints.abstract_like(state))
+    restored = self._restore_readable(state)
+    if restored is not None:
+      state, data, meta = restored
       self.best = Best(**meta.get("best", {}))
       self.bests.update({r: Best(**b) for r, b in meta.get("selections", {}).items()
                          if r in self.bests})
@@ -301,6 +305,73 @@ class Run:
     self._progress = logs.Progress(self.start_step, self.config.num_steps)
     self._input_wait, self._window_start = 0.0, time.perf_counter()
     return state, record, iterator_state
+
+  def _restore_readable(self, state: Any):
+    """(state, data, meta) of the newest step of checkpoints/ whose files read, or None when
+    there is none. Each step's metadata is checked before its state is restored (the restore's
+    shape errors would not say which setting differs). Unreadable newer steps (truncated or
+    damaged files) are moved to <workdir>/unreadable_checkpoints/ with a warning naming them;
+    when no step reads, the run refuses with one line naming the step folder(s)."""
+    bad: list[checkpoints.UnreadableCheckpoint] = []
+    for step in self.ckpt.steps():
+      where = checkpoints.step_folder(str(self.ckpt.latest.directory), step)
+      try:
+        meta = self.ckpt.meta_at(step)
+        checkpoints.check_model_meta(meta, self.config, where)
+        checkpoints.check_resume_config(meta.get("config", {}), self.config, step, where)
+        self.check_train_list(meta, where)
+        restored = self.ckpt.restore_at(step, checkpoints.abstract_like(state))
+      except checkpoints.UnreadableCheckpoint as e:
+        logging.error("%s", e)
+        bad.append(e)
+        continue
+      if bad:
+        self._set_aside(bad, step)
+      return restored
+    if not bad:
+      return None
+    if len(bad) == 1:
+      e = bad[0]
+      raise CheckpointError(
+          f"cannot resume: the checkpoint folder {e.folder} (step {e.step}) is unreadable "
+          f"({e.cause}) and there is no older checkpoint to fall back to "
+          f"(config.keep_checkpoints={self.config.keep_checkpoints}): restore the folder from a "
+          "copy, or delete it to start the run from scratch")
+    raise CheckpointError(
+        "cannot resume: every checkpoint is unreadable: "
+        + "; ".join(f"{e.folder} ({e.cause})" for e in bad)
+        + f": restore them from a copy, or delete {self.ckpt.latest.directory} to start the run "
+        "from scratch")
+
+  def _set_aside(self, bad: list, step: int) -> None:
+    """Moves the unreadable steps newer than `step` out of checkpoints/ (orbax would refuse to
+    save those steps again), saying so loudly."""
+    if jax.process_count() > 1:   # every process has finished reading them
+      multihost_utils.sync_global_devices("unreadable checkpoints found")
+    for e in bad:
+      moved = (self.ckpt.set_aside(e.step, self.workdir) if jax.process_index() == 0
+               else "<moved by process 0>")
+      logging.warning(
+          "UNREADABLE CHECKPOINT %s (step %d: %s): resuming from the previous intact step %d "
+          "instead (the steps after it are recomputed); the unreadable folder is moved to %s "
+          "(delete it once looked at)", e.folder, e.step, e.cause, step, moved)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    self.ckpt.reload()
+
+  def check_train_list(self, meta: dict, where: str) -> None:
+    """The training list read by this run (`read_lists`) against the one recorded in the
+    checkpoint `where` (its count and fingerprint, `packed.list_fingerprint`): a list edited in
+    place since is refused in one line (checkpoints of older versions record none)."""
+    have, want = meta.get("train_list"), self.train_list
+    if not have or want is None or have.get("fingerprint") == want["fingerprint"]:
+      return
+    what = (f"count {have.get('count')} -> {want['count']}" if have.get("count") != want["count"]
+            else "same count, different entries or order")
+    raise DataError(
+        f"the training list {want['list']} changed since the checkpoint {where} was written "
+        f"({what}): resuming would pair the checkpoint's per-image state (data order, banks) "
+        "with other images; restore the list, or use a new --workdir")
 
   def steps(self) -> range:
     """The steps still to do, 1-based (see the module docstring)."""
@@ -444,6 +515,8 @@ class Run:
     meta = {"best": dataclasses.asdict(self.best), "elapsed_s": self._elapsed(),
             "selections": {r: dataclasses.asdict(b) for r, b in self.bests.items()},
             "history": self.history, **extra}
+    if self.train_list is not None:
+      meta["train_list"] = self.train_list
     if record is not None:
       meta.update(dataclasses.asdict(record))
     return checkpoints.run_meta(self.config, step, meta)

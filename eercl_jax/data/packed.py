@@ -10,8 +10,10 @@ size (lossless: a run reading the packed set gets the folder path's batches bit 
 order (tfds shuffling off), so record i is list entry i.
 
 Beside the tfds files, `eercl_pack.json` records what a run checks before using the set
-(`check`): the list's fingerprint, the count, the class names and the stored size. A set is
-written to a temporary folder and renamed when complete.
+(`check`): the list's fingerprint, the count, the class names, the stored size, and the size and
+sha256 of each ArrayRecord file (`record_files`: a damaged file is found at start, named, rather
+than as an unnamed read error mid-run; `verify_records`). A set is written to a temporary folder
+and renamed when complete, so an interrupted pack leaves no set behind.
 
 Reading: the start-up check against the list, random access to one image through tfds's
 ArrayRecord data source, and the whole set loaded into one array for the bank refresh.
@@ -30,7 +32,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -66,6 +68,31 @@ def tfds_dir(packed_dir: str) -> str:
   return os.path.join(packed_dir, TFDS_NAME, TFDS_VERSION)
 
 
+def record_files(packed_dir: str) -> list[str]:
+  """Names of the set's ArrayRecord files (tfds's shards of the split) in its tfds folder."""
+  try:
+    names = os.listdir(tfds_dir(packed_dir))
+  except OSError:
+    return []
+  return sorted(n for n in names if n.startswith(f"{TFDS_NAME}-{SPLIT}.array_record"))
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      h.update(block)   # hashlib releases the GIL on large blocks: files hash in parallel
+  return h.hexdigest()
+
+
+def _checksums(packed_dir: str, names: Sequence[str]) -> dict[str, str]:
+  """{name: sha256} of the named record files, read on threads."""
+  directory = tfds_dir(packed_dir)
+  with concurrent.futures.ThreadPoolExecutor(min(4, max(1, len(names)))) as pool:
+    digests = pool.map(lambda n: file_sha256(os.path.join(directory, n)), names)
+    return dict(zip(names, digests))
+
+
 def _features(class_names: Sequence[str]):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return tfds.features.FeaturesDict({
@@ -89,9 +116,10 @@ def _decode(fer_list: lists.FerList, index: int, resize: int | None) -> np.ndarr
   return img
 
 
-def _examples(fer_list: lists.FerList, resize: int | None,
-              num_threads: int) -> Iterator[tuple[int, dict]]:
-  """(key, example) in list order; images decoded on threads, a chunk at a time."""
+def _examples(fer_list: lists.FerList, resize: int | None, num_threads: int,
+              progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
+  """(key, example) in list order; images decoded on threads, a chunk at a time; `progress`
+  is called with the number of images handed to the writer after each chunk."""
   rel = relative_paths(fer_list)
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for start in range(0, len(fer_list), _CHUNK):
@@ -99,6 +127,8 @@ def _examples(fer_list: lists.FerList, resize: int | None,
       images = pool.map(lambda i: _decode(fer_list, i, resize), range(start, stop))
       for i, img in zip(range(start, stop), images):
         yield i, {"image": img, "label": int(fer_list.labels[i]), "index": i, "path": rel[i]}
+      if progress is not None:
+        progress(stop)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,13 +163,16 @@ def _builder_class():
 def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequence[str],
               resize: int | None = None, *, allow_outside_root: bool = False,
               overwrite: bool = False, num_threads: int | None = None,
-              names_from: str = "class_names") -> str:
+              names_from: str = "class_names",
+              progress: Callable[[int, int], None] | None = None) -> str:
   """Packs `list_path` (paths relative to `image_root`) into `out_dir`; returns its absolute
   path, the directory `packed.check`/`packed.open_source` take. A run with
   `config.data.format='packed'` expects the set of list X at `<packed_root>/<stem of X>`.
   `class_names` must be the order of the list's class-order file when it has one (a
   DataError naming both otherwise; `names_from` says where they came from); they are recorded
-  in the set's metadata, which the runs check against `config.data.class_names`."""
+  in the set's metadata, which the runs check against `config.data.class_names`.
+  `progress(done, total)`, when given, is called as images are written (and tfds's own
+  progress bars are off)."""
   out_dir = os.path.abspath(out_dir)
   if resize is not None and int(resize) <= 0:
     raise ValueError(f"resize must be positive or None, got {resize}")
@@ -151,25 +184,36 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
   # Every image is decoded below anyway: 'exists' here, decode failures name the line there.
   fer_list = lists.read_list(list_path, image_root, tuple(class_names), check_images="exists",
                              allow_outside_root=allow_outside_root, names_from=names_from)
+  _remove_stale_partials(out_dir)
   tmp = f"{out_dir}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   threads = num_threads or min(8, os.cpu_count() or 1)
+  n = len(fer_list)
   try:
     builder = _builder_class()(
-        features=_features(class_names), examples=_examples(fer_list, resize, threads),
+        features=_features(class_names),
+        examples=_examples(fer_list, resize, threads,
+                           None if progress is None else lambda done: progress(done, n)),
         description=f"FER list {fer_list.list_path} ({len(fer_list)} images), packed by "
                     "eercl_jax.data.pack", data_dir=tmp, file_format="array_record")
     # tfds prints its progress bars and a "prepared" line on stdout; callers (the bench's JSON
     # lines, a user's script) own stdout, so they go to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _tfds_progress(progress is None):
       builder.download_and_prepare()
+    names = record_files(tmp)
+    if not names:
+      raise RuntimeError(f"tfds wrote no ArrayRecord file under {tfds_dir(tmp)}")
+    digests = _checksums(tmp, names)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "list": fer_list.list_path, "image_root": fer_list.image_root,
         "fingerprint": list_fingerprint(fer_list), "count": len(fer_list),
         "class_names": list(class_names), "stored_size": resize,
         "tfds_dir": f"{TFDS_NAME}/{TFDS_VERSION}", "split": SPLIT,
+        # Checked at start (verify_records): a damaged file is named before any training.
+        "record_files": {n: {"bytes": os.path.getsize(os.path.join(tfds_dir(tmp), n)),
+                             "sha256": digests[n]} for n in names},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with open(os.path.join(tmp, META_FILE), "w") as f:
@@ -181,12 +225,49 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
       shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     os.rename(tmp, out_dir)
+    _forget(out_dir)   # this process's open source and verification of a replaced set
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   logging.info("packed %d images of %s into %s (stored size %s)", len(fer_list),
                fer_list.list_path, out_dir, resize or "original")
   return out_dir
+
+
+def _remove_stale_partials(out_dir: str) -> None:
+  """Removes the temporary folders `<out_dir>.partial-<pid>` of packs killed before they could
+  clean up (their process is gone); a live pack's folder is left alone."""
+  parent, prefix = os.path.dirname(out_dir), os.path.basename(out_dir) + ".partial-"
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(prefix):]
+    if not (name.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      logging.info("removing %s, left by an interrupted pack", os.path.join(parent, name))
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    except PermissionError:   # alive, someone else's
+      pass
+
+
+@contextlib.contextmanager
+def _tfds_progress(show: bool):
+  """tfds's progress bars on or off within the block (a caller showing its own turns them
+  off)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  if show:
+    yield
+    return
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -214,6 +295,84 @@ def read_meta(packed_dir: str) -> dict:
   return meta
 
 
+def repack_command(meta: dict, packed_dir: str) -> str:
+  """The pack command that rebuilds the set at `packed_dir` from its metadata."""
+  resize = meta.get("stored_size")
+  return (f"python -m eercl_jax.data.pack --list={meta.get('list')} "
+          f"--image_root={meta.get('image_root')} --out={packed_dir}"
+          + (f" --resize={resize}" if resize else "") + " --overwrite")
+
+
+# (packed_dir, (name, bytes, mtime) of each record file) verified by this process: a list read
+# as training and evaluation list (one set) is hashed once.
+_VERIFIED: set = set()
+_UNVERIFIABLE_WARNED: set = set()
+
+
+def verify_records(packed_dir: str, meta: dict | None = None, *, hashes: bool = True,
+                   cached: bool = True) -> None:
+  """Each record file of the set against its size and, with `hashes`, its sha256 recorded when
+  packing (eercl_pack.json's `record_files`); a missing, truncated or altered file is a
+  DataError naming the set and the file. A set packed before the checksums were recorded is
+  not verified (a warning says so)."""
+  meta = read_meta(packed_dir) if meta is None else meta
+  files = meta.get("record_files")
+  if not files:
+    if packed_dir not in _UNVERIFIABLE_WARNED:
+      _UNVERIFIABLE_WARNED.add(packed_dir)
+      logging.warning("packed set %s records no checksums of its record files (packed by an "
+                      "older version): they are not verified; repack it to add them (%s)",
+                      packed_dir, repack_command(meta, packed_dir))
+    return
+  directory = tfds_dir(packed_dir)
+  fix = f": repack with {repack_command(meta, packed_dir)}"
+  signature = []
+  for name, want in sorted(files.items()):
+    path = os.path.join(directory, name)
+    try:
+      st = os.stat(path)
+    except OSError:
+      raise DataError(f"packed set {packed_dir}: record file {name} is missing{fix}") from None
+    if st.st_size != want["bytes"]:
+      raise DataError(f"packed set {packed_dir}: record file {name} is corrupt or truncated "
+                      f"({st.st_size} bytes, {want['bytes']} when packed){fix}")
+    signature.append((name, st.st_size, st.st_mtime_ns))
+  key = (packed_dir, tuple(signature))
+  if not hashes or (cached and key in _VERIFIED):
+    return
+  digests = _checksums(packed_dir, sorted(files))
+  for name, digest in digests.items():
+    if digest != files[name]["sha256"]:
+      raise DataError(f"packed set {packed_dir}: record file {name} is corrupt or truncated "
+                      f"(sha256 mismatch){fix}")
+  _VERIFIED.add(key)
+
+
+def _forget(packed_dir: str) -> None:
+  _SOURCES.pop((os.getpid(), packed_dir), None)
+  for key in [k for k in _VERIFIED if k[0] == packed_dir]:
+    _VERIFIED.discard(key)
+
+
+def _cause(e: BaseException) -> str:
+  """An exception in a few words: its type and the start of its message's first line."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def _read_error(packed_dir: str, what: str, e: BaseException) -> DataError:
+  """The error of a failed read of the set: the damaged record file when the checksums find it
+  (they are read again), else the set and its files with the reader's own error."""
+  try:
+    meta = read_meta(packed_dir)
+    verify_records(packed_dir, meta, cached=False)
+  except DataError as named:
+    return DataError(f"{named} (reading {what}: {_cause(e)})")
+  names = ", ".join(record_files(packed_dir)) or "none"
+  return DataError(f"packed set {packed_dir}: cannot read {what} ({_cause(e)}); record files: "
+                   f"{names}: repack with {repack_command(meta, packed_dir)}")
+
+
 # One data source per (process, directory): opened lazily where it is used (grain's worker
 # processes receive only the directory name, never an open file).
 _SOURCES: dict = {}
@@ -224,30 +383,39 @@ def open_source(packed_dir: str):
   key = (os.getpid(), packed_dir)
   if key not in _SOURCES:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    builder = tfds.builder_from_directory(tfds_dir(packed_dir))
-    _SOURCES[key] = builder.as_data_source(split=SPLIT)
+    try:
+      builder = tfds.builder_from_directory(tfds_dir(packed_dir))
+      _SOURCES[key] = builder.as_data_source(split=SPLIT)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _read_error(packed_dir, "its tfds metadata", e) from e
   return _SOURCES[key]
 
 
 def class_names_of(packed_dir: str) -> tuple[str, ...]:
   """The class names in the tfds metadata (the ClassLabel feature)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  builder = tfds.builder_from_directory(tfds_dir(packed_dir))
-  return tuple(builder.info.features["label"].names)
+  try:
+    builder = tfds.builder_from_directory(tfds_dir(packed_dir))
+    return tuple(builder.info.features["label"].names)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(packed_dir, "its tfds metadata", e) from e
 
 
 def read_image(packed_dir: str, index: int) -> np.ndarray:
   """Pixels of list entry `index` (uint8 HxWx3)."""
+  source = open_source(packed_dir)
   try:
-    return open_source(packed_dir)[int(index)]["image"]
+    return source[int(index)]["image"]
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"{packed_dir}: cannot read record {index} ({type(e).__name__}: {e})") from e
+    raise _read_error(packed_dir, f"record {index}", e) from e
 
 
-def check(fer_list: lists.FerList, packed_dir: str, resize: Optional[int]) -> dict:
+def check(fer_list: lists.FerList, packed_dir: str, resize: Optional[int],
+          verify: bool = True) -> dict:
   """Checks that the packed set at `packed_dir` holds `fer_list` (count, class names, list
-  fingerprint, record order) stored at a size the run can use (original, or `resize`); each
-  error names the mismatch, the list and the packed set. Returns the set's metadata."""
+  fingerprint, record order) stored at a size the run can use (original, or `resize`), and
+  that its record files are intact (`verify_records`: sizes always, checksums with `verify`);
+  each error names the mismatch, the list and the packed set. Returns the set's metadata."""
   meta = read_meta(packed_dir)
   where = f"packed set {packed_dir} (of {meta.get('list')}) vs list {fer_list.list_path}"
   fix = f"; repack with python -m eercl_jax.data.pack --list={fer_list.list_path} ..."
@@ -265,6 +433,7 @@ def check(fer_list: lists.FerList, packed_dir: str, resize: Optional[int]) -> di
   if stored is not None and resize is not None and stored != resize:
     raise DataError(f"{where}: images stored at {stored}x{stored} but config.data.resize is "
                     f"{resize}{fix} --resize={resize} (or without --resize)")
+  verify_records(packed_dir, meta, hashes=verify)
   tfds_names = class_names_of(packed_dir)
   if tfds_names != tuple(fer_list.class_names):
     raise DataError(f"{where}: the tfds metadata's class names {tfds_names} != "
@@ -275,7 +444,10 @@ def check(fer_list: lists.FerList, packed_dir: str, resize: Optional[int]) -> di
                     f"{len(fer_list)}{fix}")
   rel = relative_paths(fer_list)
   for i in sorted({0, len(fer_list) - 1}):   # record order: cheap spot check of both ends
-    record = source[i]
+    try:
+      record = source[i]
+    except Exception as e:  # pylint: disable=broad-except
+      raise _read_error(packed_dir, f"record {i}", e) from e
     path = record["path"].decode() if isinstance(record["path"], bytes) else record["path"]
     if int(record["index"]) != i or path != rel[i]:
       raise DataError(f"{where}: record {i} holds entry {int(record['index'])} ({path}), "
@@ -283,10 +455,12 @@ def check(fer_list: lists.FerList, packed_dir: str, resize: Optional[int]) -> di
   return meta
 
 
-def attach(fer_list: lists.FerList, packed_root: str, resize: Optional[int]) -> lists.FerList:
-  """`fer_list` reading its pixels from its checked packed set under `packed_root`."""
+def attach(fer_list: lists.FerList, packed_root: str, resize: Optional[int],
+           verify: bool = True) -> lists.FerList:
+  """`fer_list` reading its pixels from its checked packed set under `packed_root` (`verify`:
+  the record files' checksums too, see `check`)."""
   packed_dir = packed_dir_for(fer_list.list_path, packed_root)
-  check(fer_list, packed_dir, resize)
+  check(fer_list, packed_dir, resize, verify)
   return dataclasses.replace(fer_list, packed_dir=packed_dir)
 
 
@@ -299,7 +473,11 @@ def load_resized(packed_dir: str, size: int, num_threads: Optional[int] = None) 
 
   def fill(start: int) -> None:
     stop = min(start + 256, n)
-    for i, record in zip(range(start, stop), source.__getitems__(range(start, stop))):
+    try:
+      records = source.__getitems__(range(start, stop))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _read_error(packed_dir, f"records {start}..{stop - 1}", e) from e
+    for i, record in zip(range(start, stop), records):
       if int(record["index"]) != i:
         raise DataError(f"{packed_dir}: record {i} holds list entry {int(record['index'])}; "
                         "the set is out of order, repack it")
