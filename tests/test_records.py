@@ -163,7 +163,7 @@ def test_eval_mode_step_folder_named_lists_and_errors(source_run, data_dir, monk
   assert doc["checkpoint"] == os.path.join(os.path.abspath(source_run), "checkpoints")
   assert list(doc["lists"]) == ["wild", "labeled_source_images_synth_studio"]
   assert _json(out) == doc
-  assert doc["lists"]["labeled_source_images_synth_studio"]["count"] == 7 * 24
+  assert doc["lists"]["labeled_source_images_synth_studio"]["count"] == 168   # the dry run's
 
   with pytest.raises(FileNotFoundError, match="nowhere"):
     inference.evaluate_checkpoint(_eval_config(checkpoint="nowhere"), str(tmp_path))
