@@ -11,6 +11,10 @@ it measures with (`source`, `adapt`; any field can be overridden, e.g.
                                               stage configs shrunk by config_defaults.runlocal
                                               and small sizes (the suite runs gpu_check's so)
 
+--config.bench.compile_only=True compiles the steps without running them (their device memory
+and FLOPs); --config.bench.compile_for=benchmarks/gpu_targets/<gpu>.txtpb compiles them for that
+GPU on a machine without one (jax's CUDA plugin: requirements-gpu.txt; README: Device memory).
+
 Random weights; the synthetic images the bench writes stand in for the data (a step's cost does
 not depend on them).
 """
@@ -33,6 +37,9 @@ def _settings(preset: str) -> ml_collections.ConfigDict:
       sections="step,refresh,pipeline,views,knn",
       stages="source,adapt",         # of the step section
       steps=5, repeats=3,            # timed steps per repeat, timed repeats (step, refresh, knn)
+      compile_only=False,            # step: compile only - memory and FLOPs, no timing
+      compile_for="",                # step: compile only, for the GPU this XLA GPU target
+                                     # config describes (benchmarks/gpu_targets/*.txtpb)
       bank_rows=10_000,              # target images N of the adaptation step
       workers="0,1,2",               # grain worker counts of the pipeline ('auto': the host's)
       image_px=400,                  # side of the synthetic JPEGs

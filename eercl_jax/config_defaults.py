@@ -341,9 +341,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   _require(config.stage in ("source", "adapt"), "stage",
            f"{config.stage!r}: expected 'source' or 'adapt'")
   m = config.model
-  from_source = unset_from_source(config) if config.stage == "adapt" else []
-  if not from_source:                  # else checked once taken from the source checkpoint
-    eercl.create_model(m)              # backbone, size, dtype
+  eercl.check_model_config(m)          # backbone, size, dtype
   _require(len(config.data.class_names) == m.num_classes, "data.class_names",
            f"has {len(config.data.class_names)} names but config.model.num_classes is "
            f"{m.num_classes}")
