@@ -51,9 +51,10 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       # packed set <packed_root>/<list file stem> (python -m eercl_jax.data.pack; docs/data.md).
       "format": "folder",
       "packed_root": "data/packed",
-      # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
+      # The built-in synthetic set, generated under `root` if absent (demo configs enable it);
+      # imbalanced=1: unequal class counts (synthetic.class_counts; the tests' dry run).
       "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,
-                    "test_per_class": 40, "target_per_class": 60, "seed": 0},
+                    "test_per_class": 40, "target_per_class": 60, "seed": 0, "imbalanced": 0},
   })
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import demo_adapt, demo_source
 from eercl_jax import config_defaults
 from eercl_jax.data import images, lists
 from eercl_jax.data.datasets import synthetic
@@ -55,6 +56,9 @@ def test_imbalanced_counts_and_the_dry_run_uses_them(tmp_path):
   assert sum(synthetic.CLASS_WEIGHTS) == pytest.approx(len(synthetic.CLASSES))
   assert len(set(synthetic.CLASS_WEIGHTS)) == 7 and 1.0 not in synthetic.CLASS_WEIGHTS
   assert synthetic.DEFAULTS["imbalanced"] == 0              # the demo (README numbers) is balanced
+  for demo in (demo_source, demo_adapt):
+    assert demo.get_config().data.synthetic.imbalanced == 0
+    assert demo.get_config("runlocal").data.synthetic.imbalanced == 1   # the tests' dry run
   small = {**SMALL, "imbalanced": 1}
   paths = synthetic.generate(str(tmp_path / "imb"), **small)
   for split, per_class in (("source_train", 3), ("source_test", 2), ("target", 2)):
