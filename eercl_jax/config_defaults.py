@@ -54,9 +54,10 @@ def _data(train_list: str, eval_lists: dict, select_by: str) -> ml_collections.C
       # With 'packed': the sha256 of every record file read at start against the one recorded
       # when packing (~1.7 s of CPU per 1.8 GB); False checks their sizes only.
       "verify_packed": True,
-      # The built-in synthetic set, generated under `root` if absent (demo configs enable it).
+      # The built-in synthetic set, generated under `root` if absent (demo configs enable it);
+      # imbalanced=1: unequal class counts (synthetic.class_counts; the tests' dry run).
       "synthetic": {"enabled": False, "root": "data", "image_size": 64, "train_per_class": 150,
-                    "test_per_class": 40, "target_per_class": 60, "seed": 0},
+                    "test_per_class": 40, "target_per_class": 60, "seed": 0, "imbalanced": 0},
   })
 
 
@@ -279,9 +280,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 # The built-in synthetic set's size in a dry run: 168 source training, 56 source test and 112
-# target images of 32 px (seconds to generate).
+# target images of 32 px (seconds to generate), with unequal class counts (synthetic.
+# CLASS_WEIGHTS; target 14/8/10/28/22/18/12) so that the tests' accuracy and mean class accuracy
+# differ and a swap of the two is caught.
 RUNLOCAL_SYNTHETIC = dict(image_size=32, train_per_class=24, test_per_class=8,
-                          target_per_class=16)
+                          target_per_class=16, imbalanced=1)
 
 
 def synthetic_data(c: ml_collections.ConfigDict, root: str = "data") -> ml_collections.ConfigDict:

@@ -178,8 +178,12 @@ def test_list_hygiene_bom_paths_labels_duplicates(tmp_path, root, monkeypatch):
   bom.write_bytes("d/angry/0.jpg 0\nd/fear/1.jpg 2\n".encode("utf-8-sig"))
   assert len(lists.read_list(str(bom), root, CLASSES)) == 2   # the BOM is not part of a path
   _image(str(tmp_path), "outside.jpg")
+  # A sibling folder whose name starts with the root's (root .../fer, image .../fer2/x.jpg): a
+  # string-prefix test of the resolved path would take it for inside.
+  _image(str(tmp_path), "fer2/x.jpg")
+  assert os.path.join(os.path.dirname(root), "fer2", "x.jpg").startswith(root)
   for line in ("../outside.jpg 0", "d/../../outside.jpg 0",
-               f"{os.path.join(root, 'd/angry/0.jpg')} 0"):
+               f"{os.path.join(root, 'd/angry/0.jpg')} 0", "../fer2/x.jpg 0"):
     path = _list(tmp_path, f"d/fear/1.jpg 2\n{line}\n", name="escape.txt")
     with pytest.raises(DataError, match="leaves the image root") as e:
       lists.read_list(path, root, CLASSES)

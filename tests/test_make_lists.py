@@ -14,6 +14,7 @@ import pytest
 
 from eercl_jax import config_defaults
 from eercl_jax.data import lists, run_lists
+from eercl_jax.data.datasets import affectnet, ck, expw, fer2013, jaffe, raf
 from eercl_jax.tools import make_lists
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
@@ -57,8 +58,19 @@ def _read(lists_dir, root, name, classes=CLASSES):
 
 # ------------------------------------------------------------------------------ fake data sets
 
+# Every native label of each fake data set occurs in it, and each test asserts the class it maps
+# to: a reader's table with two labels swapped fails (the tables are written out here, from the
+# data sets' own documentation, not read from the readers).
 RAF_LINES = ["train_00001.jpg 1", "train_00002.jpg 6", "train_00003.jpg 7", "test_0001.jpg 4",
-             "test_0002.jpg 2"]
+             "test_0002.jpg 2", "train_00005.jpg 3", "test_0003.jpg 5"]
+# RAF-DB 1 = surprise, 2 = fear, 3 = disgust, 4 = happy, 5 = sad, 6 = angry, 7 = neutral.
+RAF_TRAIN = {"train_00001": "surprise", "train_00002": "angry", "train_00003": "neutral",
+             "train_00005": "disgust"}
+RAF_TEST = {"test_0001": "happy", "test_0002": "fear", "test_0003": "sad"}
+
+
+def _raf_expected(stems, prefix="raf/Image/aligned/", suffix="_aligned.jpg", classes=CLASSES):
+  return {f"{prefix}{stem}{suffix}": classes.index(name) for stem, name in stems.items()}
 
 
 def fake_raf(root, lines=RAF_LINES, skip_image=None, inside=""):
@@ -77,8 +89,9 @@ def fake_raf(root, lines=RAF_LINES, skip_image=None, inside=""):
 
 def fake_fer2013(root, rows=None):
   rng = np.random.default_rng(0)
+  # Every FER2013 label 0..6 (0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise, 6 neutral).
   rows = rows or [(0, "Training"), (4, "Training"), (6, "PublicTest"), (5, "PrivateTest"),
-                  (3, "PrivateTest")]
+                  (3, "PrivateTest"), (1, "Training"), (2, "PublicTest")]
   pixels = [rng.integers(0, 256, 48 * 48) for _ in rows]
   text = "emotion,pixels,Usage\n" + "".join(
       f"{e},{' '.join(map(str, p))},{u}\n" for (e, u), p in zip(rows, pixels))
@@ -93,26 +106,45 @@ def fake_expw(root, lines=None):
   # image face_id top left right bottom confidence label
   lines = lines or ["a.jpg 0 2 3 13 12 55.2 3",     # happy, box 10x10 at (3, 2)
                     "a.jpg 1 20 25 45 40 40.0 4",   # sad, box past the right/bottom edge: clipped
-                    "b.jpg 0 0 0 8 8 61.0 6"]       # neutral
+                    "b.jpg 0 0 0 8 8 61.0 6",       # neutral
+                    # The other ExpW labels: 0 angry, 1 disgust, 2 fear, 5 surprise.
+                    "b.jpg 5 10 10 18 18 50.0 0", "b.jpg 6 0 10 18 8 50.0 1",
+                    "a.jpg 5 15 0 10 25 50.0 2", "a.jpg 6 0 20 30 10 50.0 5"]
   _write(str(d / "label" / "label.lst"), "\n".join(lines) + "\n")
   return d, origins
 
 
+# One-frame CK+ sequences of the emotion codes the main fake lacks (no neutral first frame, the
+# one frame is the peak): 0 neutral, 1 anger, 4 fear, 5 happy, 6 sadness, 7 surprise.
+CK_SINGLE = {"S050/001": (1, "angry"), "S051/001": (4, "fear"), "S052/001": (5, "happy"),
+             "S053/001": (6, "sad"), "S054/001": (7, "surprise"), "S055/001": (0, "neutral")}
+
+
+def _ck_single_expected(classes=CLASSES):
+  return {f"ck/cohn-kanade-images/{seq}/{seq.replace('/', '_')}_00000001.png":
+          classes.index(name) for seq, (_, name) in CK_SINGLE.items()}
+
+
 def fake_ck(root):
   d = root / "ck"
-  for seq, n in (("S005/001", 5), ("S010/002", 4), ("S011/001", 3)):
+  sequences = [("S005/001", 5), ("S010/002", 4), ("S011/001", 3)] + [(s, 1) for s in CK_SINGLE]
+  for seq, n in sequences:
     for k in range(1, n + 1):
       s, q = seq.split("/")
       _img(str(d / "cohn-kanade-images" / s / q / f"{s}_{q}_{k:08d}.png"), mode="L")
   _write(str(d / "Emotion/S005/001/S005_001_00000005_emotion.txt"), "   3.0000000e+00\n")
   _write(str(d / "Emotion/S010/002/S010_002_00000004_emotion.txt"), "   2.0000000e+00\n")
+  for seq, (code, _) in CK_SINGLE.items():
+    _write(str(d / "Emotion" / seq / f"{seq.replace('/', '_')}_00000001_emotion.txt"),
+           f"   {code:.7e}\n")
   # S011/001 has no emotion file: unlabelled, not listed.
   return d
 
 
 def fake_jaffe(root):
   d = root / "jaffe"
-  for name in ("KA.AN1.39.tiff", "KA.HA2.30.tiff", "YM.SU3.60.tiff", "NA.NE1.202.tiff"):
+  for name in ("KA.AN1.39.tiff", "KA.HA2.30.tiff", "YM.SU3.60.tiff", "NA.NE1.202.tiff",
+               "KM.DI1.10.tiff", "KM.FE2.11.tiff", "UY.SA1.12.tiff"):   # every JAFFE code
     _img(str(d / name), mode="L")
   _write(str(d / "README.txt"), "not an image\n")
   return d
@@ -121,7 +153,8 @@ def fake_jaffe(root):
 def fake_sfew(root):
   d = root / "sfew"
   for rel in ("Train/Angry/a_1.png", "Train/Happy/h_1.png", "Train/Happy/h_2.png",
-              "Val/Surprise/s_1.png", "Val/Neutral/n_1.png"):
+              "Val/Surprise/s_1.png", "Val/Neutral/n_1.png",
+              "Train/Disgust/d_1.png", "Train/Fear/f_1.png", "Val/Sad/sa_1.png"):  # all 7 folders
     _img(str(d / rel))
   return d
 
@@ -132,9 +165,11 @@ AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,
 
 def fake_affectnet(root):
   d = root / "affectnet"
+  # Every AffectNet label 0..10 (0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear, 5 disgust,
+  # 6 anger, 7 contempt; 8 none, 9 uncertain, 10 no-face).
   train = [("1/a.jpg", 0), ("1/b.jpg", 6), ("2/c.jpg", 7), ("2/d.jpg", 8), ("2/e.jpg", 10),
-           ("3/f.jpg", 1)]
-  val = [("4/g.jpg", 3), ("4/h.jpg", 9), ("4/i.jpg", 5)]
+           ("3/f.jpg", 1), ("3/j.jpg", 2)]
+  val = [("4/g.jpg", 3), ("4/h.jpg", 9), ("4/i.jpg", 5), ("4/k.jpg", 4)]
   for rel, _ in train + val:
     _img(str(d / "Manually_Annotated_Images" / rel), (30, 30))
   row = lambda rel, e: f'{rel},5,6,16,18,"1.0;2.0;3.0",{e},0.1,-0.2\n'
@@ -147,23 +182,44 @@ def fake_affectnet(root):
 
 # ------------------------------------------------------------------------------ each data set
 
+def test_fakes_hold_every_native_label(tmp_path):
+  """Each fake data set holds every label its reader knows (so the tests below assert the class
+  of each): a label added to a reader without a fake row fails here. Only the label sets are
+  read from the readers; the classes they map to are written out in the tests."""
+  assert {int(line.split()[1]) for line in RAF_LINES} == set(raf.LABELS)
+  d, _ = fake_fer2013(tmp_path / "a")
+  rows = (d / "fer2013.csv").read_text().splitlines()[1:]
+  assert {int(r.split(",")[0]) for r in rows} == set(fer2013.LABELS)
+  d, _ = fake_expw(tmp_path / "b")
+  labels = (d / "label" / "label.lst").read_text().split("\n")
+  assert {int(line.split()[7]) for line in labels if line} == set(expw.LABELS)
+  d = fake_ck(tmp_path / "c")
+  codes = {int(float(p.read_text())) for p in (d / "Emotion").rglob("*_emotion.txt")}
+  assert codes == set(ck.LABELS)
+  d = fake_jaffe(tmp_path / "d")
+  assert {p.name.split(".")[1][:2] for p in d.glob("*.tiff")} == set(jaffe.CODES)
+  d = fake_sfew(tmp_path / "e")
+  assert {p.name for p in d.glob("*/*") if p.is_dir()} == {
+      "Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"}
+  d = fake_affectnet(tmp_path / "f")
+  rows = "".join(p.read_text() for p in (d / "Manually_Annotated_file_lists").glob("*.csv"))
+  got = {int(r.split(",")[-3]) for r in rows.splitlines() if not r.startswith("subDirectory")}
+  assert got == set(affectnet.LABELS) | set(affectnet.NOT_EXPRESSIONS)
+
+
 def test_raf_native_labels_mapped_to_class_names(tmp_path):
   d = fake_raf(tmp_path / "fer")
   root, out = _run(tmp_path, "raf", "--src", str(d))
   train = _read(out, root, "labeled_source_images_raf.txt")
-  # RAF-DB 1 = surprise, 6 = angry, 7 = neutral; 4 = happy, 2 = fear.
-  assert train == {"raf/Image/aligned/train_00001_aligned.jpg": CLASSES.index("surprise"),
-                   "raf/Image/aligned/train_00002_aligned.jpg": CLASSES.index("angry"),
-                   "raf/Image/aligned/train_00003_aligned.jpg": CLASSES.index("neutral")}
+  assert train == _raf_expected(RAF_TRAIN)
   test = _read(out, root, "unlabeled_target_images_raf_0.txt")
-  assert test == {"raf/Image/aligned/test_0001_aligned.jpg": CLASSES.index("happy"),
-                  "raf/Image/aligned/test_0002_aligned.jpg": CLASSES.index("fear")}
+  assert test == _raf_expected(RAF_TEST)
   assert _read(out, root, "train_images_raf.txt") == train
   assert _read(out, root, "test_images_raf.txt") == test
   table = (out / "counts_raf.md").read_text()
   assert "| class | train | test | total |" in table
   assert "| surprise | 1 | 0 | 1 |" in table and "| happy | 0 | 1 | 1 |" in table
-  assert "| **total** | 3 | 2 | 5 |" in table
+  assert "| **total** | 4 | 3 | 7 |" in table
 
 
 def test_raf_in_its_native_order_and_original_images(tmp_path):
@@ -173,7 +229,11 @@ def test_raf_in_its_native_order_and_original_images(tmp_path):
   train = _read(out, root, "labeled_source_images_raf.txt", RAF_ORDER)
   assert train == {"raf/Image/original/train_00001.jpg": 0,     # native label - 1
                    "raf/Image/original/train_00002.jpg": 5,
-                   "raf/Image/original/train_00003.jpg": 6}
+                   "raf/Image/original/train_00003.jpg": 6,
+                   "raf/Image/original/train_00005.jpg": 2}
+  assert _read(out, root, "unlabeled_target_images_raf_0.txt", RAF_ORDER) == {
+      "raf/Image/original/test_0001.jpg": 3, "raf/Image/original/test_0002.jpg": 1,
+      "raf/Image/original/test_0003.jpg": 4}
 
 
 def test_every_list_carries_its_class_order(tmp_path):
@@ -199,17 +259,15 @@ def test_every_list_carries_its_class_order(tmp_path):
     run_lists.read_run_lists(data)
   data.class_names = RAF_ORDER
   train, _ = run_lists.read_run_lists(data)
-  assert len(train) == 3
+  assert len(train) == len(RAF_TRAIN)
 
 
 def test_raf_as_the_archive_unpacks_in_basic(tmp_path):
   d = fake_raf(tmp_path / "fer", inside="basic")
   for src in (d.parent, d):     # the folder holding basic/, and basic/ itself
     root, out = _run(tmp_path, "raf", "--src", str(src))
-    assert _read(out, root, "labeled_source_images_raf.txt") == {
-        "raf/basic/Image/aligned/train_00001_aligned.jpg": CLASSES.index("surprise"),
-        "raf/basic/Image/aligned/train_00002_aligned.jpg": CLASSES.index("angry"),
-        "raf/basic/Image/aligned/train_00003_aligned.jpg": CLASSES.index("neutral")}
+    assert _read(out, root, "labeled_source_images_raf.txt") == _raf_expected(
+        RAF_TRAIN, prefix="raf/basic/Image/aligned/")
 
 
 def test_raf_wrong_src_says_where_to_point_it(tmp_path, monkeypatch, capsys):
@@ -236,22 +294,24 @@ def test_fer2013_rows_written_losslessly_per_usage(tmp_path):
   root, out = _run(tmp_path, "fer2013", "--src", str(d / "fer2013.csv"))
   train = _read(out, root, "train_images_fer2013.txt")
   assert train == {"fer2013/train/angry/00000.png": CLASSES.index("angry"),
-                   "fer2013/train/sad/00001.png": CLASSES.index("sad")}   # FER2013 4 = sad
+                   "fer2013/train/sad/00001.png": CLASSES.index("sad"),          # FER2013 4 = sad
+                   "fer2013/train/disgust/00005.png": CLASSES.index("disgust")}  # 1 = disgust
   assert _read(out, root, "publictest_images_fer2013.txt") == {
-      "fer2013/publictest/neutral/00002.png": CLASSES.index("neutral")}   # 6 = neutral
+      "fer2013/publictest/neutral/00002.png": CLASSES.index("neutral"),   # 6 = neutral
+      "fer2013/publictest/fear/00006.png": CLASSES.index("fear")}         # 2 = fear
   target = _read(out, root, "unlabeled_target_images_fer2013_0.txt")
-  assert target == {"fer2013/privatetest/surprise/00003.png": CLASSES.index("surprise"),
-                    "fer2013/privatetest/happy/00004.png": CLASSES.index("happy")}
+  assert target == {"fer2013/privatetest/surprise/00003.png": CLASSES.index("surprise"),  # 5
+                    "fer2013/privatetest/happy/00004.png": CLASSES.index("happy")}        # 3
   assert _read(out, root, "labeled_source_images_fer2013.txt") == train
   got = np.asarray(Image.open(root / "fer2013/publictest/neutral/00002.png"))
   np.testing.assert_array_equal(got, pixels[2].reshape(48, 48))
-  assert "| **total** | 2 | 1 | 2 | 5 |" in (out / "counts_fer2013.md").read_text()
+  assert "| **total** | 3 | 2 | 2 | 7 |" in (out / "counts_fer2013.md").read_text()
 
 
 def test_fer2013_all_splits_as_target(tmp_path):
   d, _ = fake_fer2013(tmp_path / "fer")
   root, out = _run(tmp_path, "fer2013", "--src", str(d), "--target_splits", "all")
-  assert len(_read(out, root, "unlabeled_target_images_fer2013_0.txt")) == 5
+  assert len(_read(out, root, "unlabeled_target_images_fer2013_0.txt")) == 7
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
@@ -261,7 +321,11 @@ def test_expw_faces_cropped_and_clipped(tmp_path, fmt):
   faces = _read(out, root, "unlabeled_target_images_expw_0.txt")
   assert faces == {f"expw/faces/happy/a_0.{fmt}": CLASSES.index("happy"),    # ExpW 3 = happy
                    f"expw/faces/sad/a_1.{fmt}": CLASSES.index("sad"),        # 4 = sad
-                   f"expw/faces/neutral/b_0.{fmt}": CLASSES.index("neutral")}  # 6 = neutral
+                   f"expw/faces/neutral/b_0.{fmt}": CLASSES.index("neutral"),  # 6 = neutral
+                   f"expw/faces/angry/b_5.{fmt}": CLASSES.index("angry"),      # 0 = angry
+                   f"expw/faces/disgust/b_6.{fmt}": CLASSES.index("disgust"),  # 1 = disgust
+                   f"expw/faces/fear/a_5.{fmt}": CLASSES.index("fear"),        # 2 = fear
+                   f"expw/faces/surprise/a_6.{fmt}": CLASSES.index("surprise")}  # 5 = surprise
   assert _read(out, root, "labeled_source_images_expw.txt") == faces
   crop = np.asarray(Image.open(root / f"expw/faces/happy/a_0.{fmt}"))
   clipped = np.asarray(Image.open(root / f"expw/faces/sad/a_1.{fmt}"))
@@ -280,7 +344,8 @@ def test_ck_peak_frames_first_frame_neutral_contempt_dropped(tmp_path):
   seq = "ck/cohn-kanade-images/S005/001/S005_001_"
   assert _read(out, root, "unlabeled_target_images_ck_0.txt") == {
       f"{seq}00000001.png": CLASSES.index("neutral"),
-      **{f"{seq}{k:08d}.png": CLASSES.index("disgust") for k in (3, 4, 5)}}   # CK+ 3 = disgust
+      **{f"{seq}{k:08d}.png": CLASSES.index("disgust") for k in (3, 4, 5)},   # CK+ 3 = disgust
+      **_ck_single_expected()}
   table = (out / "counts_ck.md").read_text()
   assert "left out: 1 x contempt" in table
   assert "left out: 1 x sequence without an emotion label" in table
@@ -294,8 +359,9 @@ def test_ck_options_and_contempt_kept(tmp_path):
   got = _read(out, root, "unlabeled_target_images_ck_0.txt", eight)
   assert got == {"ck/cohn-kanade-images/S005/001/S005_001_00000004.png": 1,
                  "ck/cohn-kanade-images/S005/001/S005_001_00000005.png": 1,
-                 "ck/cohn-kanade-images/S010/002/S010_002_00000003.png": 7,
-                 "ck/cohn-kanade-images/S010/002/S010_002_00000004.png": 7}
+                 "ck/cohn-kanade-images/S010/002/S010_002_00000003.png": 7,   # 2 = contempt
+                 "ck/cohn-kanade-images/S010/002/S010_002_00000004.png": 7,
+                 **_ck_single_expected(eight)}
   with pytest.raises(DataError, match="contempt.*class_names"):
     _run(tmp_path, "ck", "--src", str(d), "--keep_contempt")
 
@@ -304,8 +370,13 @@ def test_jaffe_labels_from_file_names(tmp_path):
   d = fake_jaffe(tmp_path / "fer")
   root, out = _run(tmp_path, "jaffe", "--src", str(d))
   assert _read(out, root, "unlabeled_target_images_jaffe_0.txt") == {
-      "jaffe/KA.AN1.39.tiff": CLASSES.index("angry"), "jaffe/KA.HA2.30.tiff": 3,
-      "jaffe/NA.NE1.202.tiff": 4, "jaffe/YM.SU3.60.tiff": 6}
+      "jaffe/KA.AN1.39.tiff": CLASSES.index("angry"),
+      "jaffe/KA.HA2.30.tiff": CLASSES.index("happy"),
+      "jaffe/NA.NE1.202.tiff": CLASSES.index("neutral"),
+      "jaffe/YM.SU3.60.tiff": CLASSES.index("surprise"),
+      "jaffe/KM.DI1.10.tiff": CLASSES.index("disgust"),
+      "jaffe/KM.FE2.11.tiff": CLASSES.index("fear"),
+      "jaffe/UY.SA1.12.tiff": CLASSES.index("sad")}
 
 
 def test_affectnet_skips_non_expressions_and_contempt(tmp_path):
@@ -314,9 +385,10 @@ def test_affectnet_skips_non_expressions_and_contempt(tmp_path):
   img = "affectnet/Manually_Annotated_Images/"
   assert _read(out, root, "labeled_source_images_affectnet.txt") == {
       f"{img}1/a.jpg": CLASSES.index("neutral"), f"{img}1/b.jpg": CLASSES.index("angry"),
-      f"{img}3/f.jpg": CLASSES.index("happy")}
+      f"{img}3/f.jpg": CLASSES.index("happy"), f"{img}3/j.jpg": CLASSES.index("sad")}
   assert _read(out, root, "unlabeled_target_images_affectnet_0.txt") == {
-      f"{img}4/g.jpg": CLASSES.index("surprise"), f"{img}4/i.jpg": CLASSES.index("disgust")}
+      f"{img}4/g.jpg": CLASSES.index("surprise"), f"{img}4/i.jpg": CLASSES.index("disgust"),
+      f"{img}4/k.jpg": CLASSES.index("fear")}
   table = (out / "counts_affectnet.md").read_text()
   for note in ("1 x contempt", "1 x label 8 (none)", "1 x label 9 (uncertain)",
                "1 x label 10 (no-face)"):
@@ -338,21 +410,24 @@ def test_sfew_and_folder_trees_with_aliases(tmp_path):
   d = fake_sfew(tmp_path / "fer")
   root, out = _run(tmp_path, "sfew", "--src", str(d))
   assert _read(out, root, "labeled_source_images_sfew.txt") == {
-      "sfew/Train/Angry/a_1.png": 0, "sfew/Train/Happy/h_1.png": 3, "sfew/Train/Happy/h_2.png": 3}
+      "sfew/Train/Angry/a_1.png": 0, "sfew/Train/Happy/h_1.png": 3, "sfew/Train/Happy/h_2.png": 3,
+      "sfew/Train/Disgust/d_1.png": 1, "sfew/Train/Fear/f_1.png": 2}
   assert _read(out, root, "unlabeled_target_images_sfew_0.txt") == {
-      "sfew/Val/Neutral/n_1.png": 4, "sfew/Val/Surprise/s_1.png": 6}
+      "sfew/Val/Neutral/n_1.png": 4, "sfew/Val/Surprise/s_1.png": 6, "sfew/Val/Sad/sa_1.png": 5}
 
   tree = tmp_path / "fer" / "mine"
   for rel in ("train/Anger/1.png", "train/happiness/x/2.png", "test/SADNESS/3.png",
-              "test/surprised/4.png", "test/Neutrality/6.png", "test/Contempt/5.png"):
+              "test/surprised/4.png", "test/Neutrality/6.png", "test/Contempt/5.png",
+              "train/Disgusted/7.png", "test/fearful/8.png"):
     _img(str(tree / rel))
   root, out = _run(tmp_path, "folder", "--domain", "mine", "--split_dirs", "train=train",
                    "test=test")
   assert _read(out, root, "labeled_source_images_mine.txt") == {
-      "mine/train/Anger/1.png": 0, "mine/train/happiness/x/2.png": 3}
+      "mine/train/Anger/1.png": 0, "mine/train/happiness/x/2.png": 3,
+      "mine/train/Disgusted/7.png": 1}
   assert _read(out, root, "unlabeled_target_images_mine_0.txt") == {
       "mine/test/SADNESS/3.png": 5, "mine/test/surprised/4.png": 6,
-      "mine/test/Neutrality/6.png": 4}
+      "mine/test/Neutrality/6.png": 4, "mine/test/fearful/8.png": 2}
   assert "left out: 1 x contempt" in (out / "counts_mine.md").read_text()
 
 
@@ -390,17 +465,17 @@ def test_error_image_outside_class_folders(tmp_path):
   _error(tmp_path, ["sfew", "--src", str(d)], r"Val/stray.png: image outside any class folder")
 
 
-@pytest.mark.parametrize("line, match", [
-    ("train_00004.jpg 8", r"list_patition_label.txt:6: label 8 is not one of"),   # unmapped
-    ("train_00004.jpg 0", r"list_patition_label.txt:6: label 0 is not one of"),
-    ("train_00004.jpg", r"list_patition_label.txt:6: expected"),                 # malformed
-    ("train_00004.jpg five", r"list_patition_label.txt:6: label 'five' is not an integer"),
-    ("val_00004.jpg 1", r"list_patition_label.txt:6: file name 'val_00004.jpg'"),
-    ("train_00001.jpg 1", r"list_patition_label.txt:6: duplicate of .*list_patition_label.txt:1"),
+@pytest.mark.parametrize("line, match", [                  # N: the appended line's number
+    ("train_00004.jpg 8", r"list_patition_label.txt:N: label 8 is not one of"),   # unmapped
+    ("train_00004.jpg 0", r"list_patition_label.txt:N: label 0 is not one of"),
+    ("train_00004.jpg", r"list_patition_label.txt:N: expected"),                 # malformed
+    ("train_00004.jpg five", r"list_patition_label.txt:N: label 'five' is not an integer"),
+    ("val_00004.jpg 1", r"list_patition_label.txt:N: file name 'val_00004.jpg'"),
+    ("train_00001.jpg 1", r"list_patition_label.txt:N: duplicate of .*list_patition_label.txt:1"),
 ])
 def test_error_raf_label_file(tmp_path, line, match):
   d = fake_raf(tmp_path / "fer", RAF_LINES + [line])
-  _error(tmp_path, ["raf", "--src", str(d)], match)
+  _error(tmp_path, ["raf", "--src", str(d)], match.replace(":N:", f":{len(RAF_LINES) + 1}:"))
 
 
 def test_error_missing_image_and_skip_missing(tmp_path):
@@ -408,23 +483,23 @@ def test_error_missing_image_and_skip_missing(tmp_path):
   _error(tmp_path, ["raf", "--src", str(d)],
          r"list_patition_label.txt:5: missing image .*test_0002_aligned.jpg")
   root, out = _run(tmp_path, "raf", "--src", str(d), "--skip_missing")
-  assert len(_read(out, root, "test_images_raf.txt")) == 1
+  assert len(_read(out, root, "test_images_raf.txt")) == len(RAF_TEST) - 1
   assert "left out: 1 x missing image" in (out / "counts_raf.md").read_text()
 
 
-@pytest.mark.parametrize("line, match", [
-    ("b.jpg 1 5 9 4 12 50.0 2", r"label.lst:4: empty face box"),          # right <= left
-    ("b.jpg 1 30 2 9 40 50.0 2", r"label.lst:4: face box .* outside the 20x20 image"),
-    ("b.jpg 1 5 2 9 12 50.0", r"label.lst:4: expected 8 fields"),
-    ("b.jpg 1 5 2 9 12 50.0 7", r"label.lst:4: label 7 is not one of"),
-    ("c.jpg 0 5 2 9 12 50.0 1", r"label.lst:4: missing image .*origin/c.jpg"),
-    ("b.jpg 0 1 1 9 9 50.0 1", r"label.lst:4: duplicate of .*label.lst:3"),
+@pytest.mark.parametrize("line, match", [                  # N: the appended line's number
+    ("b.jpg 1 5 9 4 12 50.0 2", r"label.lst:N: empty face box"),          # right <= left
+    ("b.jpg 1 30 2 9 40 50.0 2", r"label.lst:N: face box .* outside the 20x20 image"),
+    ("b.jpg 1 5 2 9 12 50.0", r"label.lst:N: expected 8 fields"),
+    ("b.jpg 1 5 2 9 12 50.0 7", r"label.lst:N: label 7 is not one of"),
+    ("c.jpg 0 5 2 9 12 50.0 1", r"label.lst:N: missing image .*origin/c.jpg"),
+    ("b.jpg 0 1 1 9 9 50.0 1", r"label.lst:N: duplicate of .*label.lst:3"),
 ])
 def test_error_expw_label_file(tmp_path, line, match):
   d, _ = fake_expw(tmp_path / "fer")
   lines = (d / "label" / "label.lst").read_text().splitlines()
   _write(str(d / "label" / "label.lst"), "\n".join(lines + [line]) + "\n")
-  _error(tmp_path, ["expw", "--src", str(d)], match)
+  _error(tmp_path, ["expw", "--src", str(d)], match.replace(":N:", f":{len(lines) + 1}:"))
 
 
 @pytest.mark.parametrize("rows, match", [
@@ -462,7 +537,7 @@ def test_error_affectnet_row_and_unknown_class_name(tmp_path):
   d = fake_affectnet(tmp_path / "fer")
   with open(d / "Manually_Annotated_file_lists" / "training.csv", "a", encoding="utf-8") as f:
     f.write("5/z.jpg,1,1,2,2,\"\",11,0,0\n")
-  _error(tmp_path, ["affectnet", "--src", str(d)], r"training.csv:8: label 11 is not one of")
+  _error(tmp_path, ["affectnet", "--src", str(d)], r"training.csv:9: label 11 is not one of")
   _error(tmp_path, ["jaffe", "--src", str(fake_jaffe(tmp_path / "fer")), "--class_names",
                     "angry,disgust,fear,happy,neutral,sad"],
          r"YM.SU3.60.tiff: class 'surprise' is not one of class_names")
@@ -492,5 +567,5 @@ def test_module_runs_as_a_command(tmp_path):
        "--image_root", str(tmp_path / "fer"), "--lists_dir", str(tmp_path / "txt")],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr
-  assert "| **total** | 3 | 2 | 5 |" in out.stdout
+  assert "| **total** | 5 | 3 | 8 |" in out.stdout
   assert _read(tmp_path / "txt", tmp_path / "fer", "unlabeled_target_images_sfew_0.txt")

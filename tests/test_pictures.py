@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from eercl_jax import logs, pictures, train_adapt
+from eercl_jax import config_defaults, logs, pictures, train_adapt
+from eercl_jax.data.datasets import synthetic
 # The adaptation tests' tiny config (and conftest's shared tiny source run): the same programs,
 # so in a whole suite run the persistent compilation cache serves one file's compilations to the
 # other.
@@ -65,12 +66,16 @@ def test_tensorboard_holds_confusions_class_accuracies_and_views(runs):
     img = adapt[f"confusion/{name}"][0]
     assert img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) > 200
     assert img.std() > 10   # drawn, not blank
-  # Per-class accuracies, at both steps, consistent with the logged accuracy: the classes of
-  # the synthetic target list have equal counts, so their mean is the accuracy.
+  # Per-class accuracies, at both steps, consistent with the logged accuracies: their mean is
+  # the mean class accuracy, their count-weighted mean the accuracy (the dry run's target list
+  # has unequal class counts, so the two differ and a swap of them fails here).
+  counts = synthetic.class_counts(config_defaults.RUNLOCAL_SYNTHETIC["target_per_class"],
+                                  config_defaults.RUNLOCAL_SYNTHETIC["imbalanced"])
   for step in (0, 2):
     per = [adapt[f"eval/target/class_acc/{c}"][step] for c in classes]
     assert all(0.0 <= p <= 1.0 for p in per)
     assert np.mean(per) == pytest.approx(adapt["eval/target_mean_class_accuracy"][step])
+    assert np.average(per, weights=counts) == pytest.approx(adapt["eval/target_accuracy"][step])
   # The view grid: weak, strong1, strong2 rows of 8 images of 32 px with 2 px gaps.
   grid = adapt["views/train"][0]
   assert grid.shape == (3 * 32 + 2 * 2, 8 * 32 + 7 * 2, 3)

@@ -241,3 +241,36 @@ def test_resume_refuses_fields_that_change_shapes_or_the_stream(tmp_path, monkey
     resume_with(num_steps=3)
   state, _, _ = resume_with(log_every=1, num_steps=10, data__num_workers=2)   # harmless
   assert int(state.step) == 4
+
+
+def test_resuming_exactly_at_the_best_step_keeps_best(tmp_path, monkeypatch):
+  """The latest checkpoint is also the best (step 2): the rerun resumes at it, must neither drop
+  nor rewrite best/2 (`drop_best_after` drops only steps past the resumed one), and later
+  evaluations below the best leave best/ alone; the run ends as an uninterrupted one."""
+  accs = [0.1, 0.8, 0.3, 0.5, 0.4, 0.2]
+  whole = _run(str(tmp_path / "whole"), accs, monkeypatch)
+  state, record, _ = whole.resume(_toy_state(), ToyRecord())
+  want = _drive(whole, state, record)
+  assert (want["best"]["value"], want["best"]["step"]) == (0.8, 2)
+
+  workdir = str(tmp_path / "killed")
+  best_dir = os.path.join(workdir, "best")
+  r = _run(workdir, accs, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record, stop_after=3)     # killed after step 3: checkpoints/2 = best/2
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert sorted(os.listdir(best_dir)) == ["2"]
+  saved = os.stat(os.path.join(best_dir, "2"))
+
+  r2 = _run(workdir, accs[2:], monkeypatch)   # resumes at step 2: evaluations 3..6
+  state, record, _ = r2.resume(_toy_state(), ToyRecord())
+  assert r2.start_step == 2 and (r2.best.value, r2.best.step) == (0.8, 2)
+  assert sorted(os.listdir(best_dir)) == ["2"]          # kept at the boundary step
+  got = _drive(r2, state, record)
+  assert got["best"] == want["best"] and got["final"] == want["final"]
+  assert sorted(os.listdir(best_dir)) == ["2"]
+  again = os.stat(os.path.join(best_dir, "2"))
+  assert (again.st_ino, again.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)   # not rewritten
+  best_step, meta = checkpoints.read_meta(best_dir)
+  assert best_step == 2 and (meta["best"]["value"], meta["best"]["step"]) == (0.8, 2)
+  assert meta["stream"] == 2

@@ -1,4 +1,5 @@
-"""Synthetic FER set: files and lists in the real layout, parseable, balanced, idempotent."""
+"""Synthetic FER set: files and lists in the real layout, parseable, balanced or imbalanced as
+asked, idempotent."""
 import json
 import os
 
@@ -6,6 +7,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import demo_adapt, demo_source
+from eercl_jax import config_defaults
 from eercl_jax.data import images, lists
 from eercl_jax.data.datasets import synthetic
 
@@ -43,6 +46,41 @@ def test_lists_parse_decode_and_are_balanced(generated, split, per_class, domain
     assert parts[-3] == domain and parts[-2] == synthetic.CLASSES[label]
     img = images.load_image(path)
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+
+
+def test_imbalanced_counts_and_the_dry_run_uses_them(tmp_path):
+  """`imbalanced=1`: class c gets per_class * CLASS_WEIGHTS[c] images, all counts different, so
+  the accuracy of a model and its mean class accuracy differ (the dry run the tests train on)."""
+  assert synthetic.class_counts(16, 1) == [14, 8, 10, 28, 22, 18, 12]
+  assert synthetic.class_counts(16, 0) == [16] * 7
+  assert sum(synthetic.CLASS_WEIGHTS) == pytest.approx(len(synthetic.CLASSES))
+  assert len(set(synthetic.CLASS_WEIGHTS)) == 7 and 1.0 not in synthetic.CLASS_WEIGHTS
+  assert synthetic.DEFAULTS["imbalanced"] == 0              # the demo (README numbers) is balanced
+  for demo in (demo_source, demo_adapt):
+    assert demo.get_config().data.synthetic.imbalanced == 0
+    assert demo.get_config("runlocal").data.synthetic.imbalanced == 1   # the tests' dry run
+  small = {**SMALL, "imbalanced": 1}
+  paths = synthetic.generate(str(tmp_path / "imb"), **small)
+  for split, per_class in (("source_train", 3), ("source_test", 2), ("target", 2)):
+    fl = lists.read_list(paths[split], paths["image_root"], synthetic.CLASSES)
+    counts = lists.count_per_class(fl)
+    np.testing.assert_array_equal(counts, synthetic.class_counts(per_class, 1))
+    assert len(set(counts.tolist())) > 1, split
+    # Interleaved: the first seven lines hold one image of every class.
+    assert sorted(fl.labels[:7].tolist()) == list(range(7))
+  # Image i of a class is the same picture as in the balanced set.
+  balanced = synthetic.generate(str(tmp_path / "bal"), **SMALL)
+  rel = os.path.join("synth_wild", "happy", "synth_wild_target_0001.jpg")
+  np.testing.assert_array_equal(images.load_image(os.path.join(paths["image_root"], rel)),
+                                images.load_image(os.path.join(balanced["image_root"], rel)))
+  # The dry run (tests/conftest.py's data_dir, the runlocal configs): imbalanced, with the
+  # totals of the balanced counts (168/56/112 images: batch and bank arithmetic unchanged).
+  dry = config_defaults.RUNLOCAL_SYNTHETIC
+  assert dry["imbalanced"] == 1
+  for key, total in (("train_per_class", 168), ("test_per_class", 56),
+                     ("target_per_class", 112)):
+    counts = synthetic.class_counts(dry[key], 1)
+    assert sum(counts) == total and len(set(counts)) == 7, key
 
 
 def test_every_list_has_its_class_order_file(generated, tmp_path):
@@ -101,6 +139,21 @@ def test_ensure_generated_is_idempotent(tmp_path):
   synthetic.ensure_generated(root, **{**SMALL, "target_per_class": 1})  # parameters differ
   fl = lists.read_list(paths["target"], paths["image_root"], synthetic.CLASSES)
   assert len(fl) == 7
+  stamp = os.path.getmtime(paths["target"])
+  synthetic.ensure_generated(root, **{**SMALL, "target_per_class": 1, "imbalanced": 1})
+  assert os.path.getmtime(paths["target"]) > stamp                  # the counts differ too
+  fl = lists.read_list(paths["target"], paths["image_root"], synthetic.CLASSES)
+  np.testing.assert_array_equal(lists.count_per_class(fl), synthetic.class_counts(1, 1))
+  # A manifest from before `imbalanced` existed stands for a balanced set: not regenerated.
+  synthetic.ensure_generated(root, **{**SMALL, "target_per_class": 1})
+  with open(manifest) as f:
+    manifest_doc = json.load(f)
+  del manifest_doc["imbalanced"]
+  with open(manifest, "w") as f:
+    json.dump(manifest_doc, f)
+  stamp = os.path.getmtime(paths["target"])
+  synthetic.ensure_generated(root, **{**SMALL, "target_per_class": 1})
+  assert os.path.getmtime(paths["target"]) == stamp
   # Images of the old, larger generation are gone, not left behind.
   assert not os.path.exists(os.path.join(root, "fer", "synth_wild", "angry",
                                          "synth_wild_target_0001.jpg"))

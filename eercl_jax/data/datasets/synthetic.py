@@ -12,6 +12,10 @@ Layout (as `data/` of the original): images `<root>/fer/<domain>/<class>/<domain
 lists `<root>/txt/fer/*.txt` with paths relative to `<root>/fer/`, each with its class-order file
 `<list>.classes.json` (CLASSES). The command:
 `python -m eercl_jax.data.synthetic --root data --image_size 64`.
+
+Class counts: by default every class has `*_per_class` images (the demo). `imbalanced=1` gives
+class c `round(per_class * CLASS_WEIGHTS[c])` images instead (the dry run the tests use), so
+that accuracy and mean class accuracy differ whenever the per-class accuracies do.
 """
 from __future__ import annotations
 
@@ -31,7 +35,12 @@ _VERSION = 4  # bump when the drawing changes, so ensure_generated regenerates o
 _MANIFEST = "synthetic_manifest.json"
 _SUPERSAMPLE = 2  # drawn at 2x and downsampled: cheap anti-aliasing of the thin strokes
 DEFAULTS = dict(image_size=64, train_per_class=150, test_per_class=40, target_per_class=60,
-                seed=0)
+                seed=0, imbalanced=0)
+# Per-class count weights of an imbalanced set (CLASSES order): eighths, all different and none 1,
+# summing to 7 - the total stays 7 * per_class for a per_class divisible by 8, and a model
+# predicting one class only (a tiny model early on) still scores an accuracy (k/56) apart from
+# its mean class accuracy (1/7). Happy the most frequent, then neutral, as in most FER sets.
+CLASS_WEIGHTS = (7 / 8, 4 / 8, 5 / 8, 14 / 8, 11 / 8, 9 / 8, 6 / 8)
 
 # Expression geometry in face units (u: -1..1 left->right, v: -1..1 top->bottom; negative v = up):
 # brow_in/brow_out: raise of the inner/outer brow ends, eye: eye opening (1 = neutral),
@@ -204,12 +213,24 @@ def list_paths(root: str) -> dict:
   }
 
 
-def _write_split(root, list_path, domain, split, per_class, image_size, seed, split_id):
-  """Renders `per_class` images of every class; list lines interleave the classes. The list's
-  class-order file (`lists.write_list`) records CLASSES."""
+def class_counts(per_class: int, imbalanced: int = 0) -> list[int]:
+  """Images of each class (CLASSES order) in a split of `per_class` images per class."""
+  if not imbalanced:
+    return [per_class] * len(CLASSES)
+  # Half up, not Python's half-to-even: the counts do not depend on the parity of per_class.
+  return [max(1, int(math.floor(per_class * w + 0.5))) if per_class else 0
+          for w in CLASS_WEIGHTS]
+
+
+def _write_split(root, list_path, domain, split, counts, image_size, seed, split_id):
+  """Renders `counts[c]` images of class c; list lines interleave the classes (round i holds
+  image i of every class that has one). The list's class-order file (`lists.write_list`)
+  records CLASSES. Image i of a class is the same picture whatever the counts."""
   lines = []
-  for i in range(per_class):
+  for i in range(max(counts)):
     for label, name in enumerate(CLASSES):
+      if i >= counts[label]:
+        continue
       rng = np.random.default_rng([seed, split_id, label, i])
       rel = f"{domain}/{name}/{domain}_{split}_{i:04d}.jpg"
       path = os.path.join(root, "fer", rel)
@@ -223,20 +244,25 @@ def generate(root: str, *, image_size: int = DEFAULTS["image_size"],
              train_per_class: int = DEFAULTS["train_per_class"],
              test_per_class: int = DEFAULTS["test_per_class"],
              target_per_class: int = DEFAULTS["target_per_class"], seed: int = DEFAULTS["seed"],
-             overwrite: bool = False) -> dict:
-  """Writes both domains and their three lists under `root`; returns `list_paths(root)`."""
+             imbalanced: int = DEFAULTS["imbalanced"], overwrite: bool = False) -> dict:
+  """Writes both domains and their three lists under `root`; returns `list_paths(root)`.
+  `imbalanced`: 0 = `*_per_class` images of every class, 1 = `class_counts` weighted."""
   paths = list_paths(root)
   params = dict(version=_VERSION, image_size=image_size, train_per_class=train_per_class,
-                test_per_class=test_per_class, target_per_class=target_per_class, seed=seed)
+                test_per_class=test_per_class, target_per_class=target_per_class, seed=seed,
+                imbalanced=int(imbalanced))
   existing = [p for k, p in paths.items() if k != "image_root" and os.path.exists(p)]
   if existing and not overwrite:
     raise FileExistsError(f"synthetic lists already exist ({existing[0]}); pass overwrite=True")
   for domain in (SOURCE, TARGET):  # only our own folders: stale images must not linger
     shutil.rmtree(os.path.join(paths["image_root"], domain), ignore_errors=True)
   os.makedirs(os.path.dirname(paths["target"]), exist_ok=True)
-  _write_split(root, paths["source_train"], SOURCE, "train", train_per_class, image_size, seed, 0)
-  _write_split(root, paths["source_test"], SOURCE, "test", test_per_class, image_size, seed, 1)
-  _write_split(root, paths["target"], TARGET, "target", target_per_class, image_size, seed, 2)
+  for split_id, (key, domain, split, per_class) in enumerate((
+      ("source_train", SOURCE, "train", train_per_class),
+      ("source_test", SOURCE, "test", test_per_class),
+      ("target", TARGET, "target", target_per_class))):
+    _write_split(root, paths[key], domain, split, class_counts(per_class, imbalanced),
+                 image_size, seed, split_id)
   # Written last: its presence means a complete generation.
   with open(os.path.join(os.path.dirname(paths["target"]), _MANIFEST), "w") as f:
     json.dump(params, f, indent=1, sort_keys=True)
@@ -256,6 +282,8 @@ def ensure_generated(root: str, **kw) -> dict:
       found = json.load(f)
   except (OSError, ValueError):
     found = None
+  if isinstance(found, dict):   # written before `imbalanced` existed: a balanced set
+    found.setdefault("imbalanced", 0)
   if found == wanted and all(os.path.exists(p) for p in paths.values()):
     # A set generated before lists carried their class order: the same files, given their
     # class-order files (the labels index CLASSES by construction).
