@@ -26,10 +26,10 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
-import sys
 from typing import Iterator, Optional, Sequence
 
 from absl import logging
@@ -156,10 +156,16 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
         features=_features(class_names), examples=_examples(fer_list, resize, threads),
         description=f"FER list {fer_list.list_path} ({len(fer_list)} images), packed by "
                     "eercl_jax.data.pack", data_dir=tmp, file_format="array_record")
-    # tfds prints its progress bars and a "prepared" line on stdout; callers (the bench's JSON
-    # lines, a user's script) own stdout, so they go to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # tfds draws progress bars (stderr) and prints "Downloading and preparing" / "downloaded
+    # and prepared" lines (stdout, which callers own: the bench's JSON lines, the pack
+    # command's path): the bars are turned off, the lines go to the log at INFO.
+    _quiet_tfds()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
       builder.download_and_prepare()
+    for line in printed.getvalue().splitlines():
+      if line.strip():
+        logging.info("tfds: %s", line.strip())
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "list": fer_list.list_path, "image_root": fer_list.image_root,
@@ -183,6 +189,12 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
   logging.info("packed %d images of %s into %s (stored size %s)", len(fer_list),
                fer_list.list_path, out_dir, resize or "original")
   return out_dir
+
+
+def _quiet_tfds() -> None:
+  """tfds's progress bars off, for this process (a packing tool shows no bars)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------- reading
