@@ -134,7 +134,8 @@ class EventWriter:
     self._records.flush()
 
   def _write(self, step: int, values: list) -> None:
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from tensorboard.compat.proto import event_pb2, summary_pb2
     self._add(event_pb2.Event(wall_time=time.time(), step=int(step),
                               summary=summary_pb2.Summary(value=values)))
 

@@ -21,7 +21,8 @@ from tests.test_run import ToyIterator, ToyState
 
 
 def _accumulator(logdir):
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0,
                                                                        "images": 0})
   acc.Reload()
