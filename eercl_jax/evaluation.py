@@ -33,18 +33,46 @@ _confusion = jax.jit(lambda logits, labels, valid, num_classes: confusion_matrix
 
 
 def summarize(confusion: np.ndarray) -> dict:
-  """Accuracy, mean class accuracy (classes without images left out), per-class accuracy (NaN
-  for a class without images), the confusion matrix and the image count."""
+  """Scores of a confusion matrix (rows = true class, columns = predicted):
+
+  accuracy, mean_class_accuracy  (classes without images left out),
+  per_class_accuracy             per class, NaN for a class without images (= its recall),
+  support, predicted             (C,) images of each true class, predictions of each class,
+  precision, recall, f1          (C,) per class (see below),
+  macro_precision, macro_recall, macro_f1   their means over the classes with support,
+  confusion, count.
+
+  Precision of a class that is never predicted is 0/0: it is reported as 0 (scikit-learn's
+  `zero_division=0`), so a model that never predicts a class pays for it in the macro averages
+  (its recall is 0 too, so its F1 is 0). A class without support (no image of it in the list)
+  has NaN recall and F1 (and NaN precision when it is never predicted either) and is left out
+  of the macro averages; macro recall is then the mean class accuracy."""
   confusion = np.asarray(confusion, np.int64)
   total = confusion.sum()
-  per_class_n = confusion.sum(axis=1)
-  per_class = np.divide(np.diag(confusion), per_class_n, out=np.full(len(confusion), np.nan),
-                        where=per_class_n > 0)
+  support = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+  hits = np.diag(confusion)
+  nan = lambda: np.full(len(confusion), np.nan)
+  recall = np.divide(hits, support, out=nan(), where=support > 0)
+  precision = np.divide(hits, predicted, out=nan(), where=predicted > 0)
+  precision[(predicted == 0) & (support > 0)] = 0.0
+  pr = precision + recall
+  f1 = np.divide(2 * precision * recall, pr, out=np.zeros(len(confusion)), where=pr > 0)
+  f1[support == 0] = np.nan
+  has = support > 0
+  macro = lambda v: float(np.mean(v[has])) if np.any(has) else float("nan")
   return {
       "accuracy": float(np.trace(confusion) / max(total, 1)),
-      "mean_class_accuracy": (float(np.nanmean(per_class)) if np.any(per_class_n > 0)
-                              else float("nan")),
-      "per_class_accuracy": per_class,
+      "mean_class_accuracy": macro(recall),
+      "per_class_accuracy": recall,
+      "support": support,
+      "predicted": predicted,
+      "precision": precision,
+      "recall": recall,
+      "f1": f1,
+      "macro_precision": macro(precision),
+      "macro_recall": macro(recall),
+      "macro_f1": macro(f1),
       "confusion": confusion,
       "count": int(total),
   }
@@ -53,8 +81,36 @@ def summarize(confusion: np.ndarray) -> dict:
 def format_metrics(name: str, summary: dict, class_names) -> str:
   per = " ".join(f"{c}={a * 100:.1f}" for c, a in zip(class_names, summary["per_class_accuracy"]))
   free = "".join(f" {k}={summary[k]:.4f}" for k in selection.LABEL_FREE if k in summary)
+  f1 = f" macro_f1={summary['macro_f1'] * 100:.2f}" if "macro_f1" in summary else ""
   return (f"{name}: acc={summary['accuracy'] * 100:.2f} mean_class_acc="
-          f"{summary['mean_class_accuracy'] * 100:.2f}{free} (n={summary['count']}) [{per}]")
+          f"{summary['mean_class_accuracy'] * 100:.2f}{f1}{free} (n={summary['count']}) [{per}]")
+
+
+def format_class_table(summary: dict, class_names) -> str:
+  """Per-class support, predictions, precision, recall and F1 (percent) and their macro
+  averages, as a text table. '-' marks an undefined value (a class without images)."""
+  names = [str(c) for c in class_names]
+  width = max([len(n) for n in names] + [len("macro avg")])
+  pct = lambda v: "-".rjust(9) if np.isnan(v) else f"{v * 100:9.1f}"
+  head = (f"{'class'.ljust(width)} {'support':>8} {'predicted':>9} {'precision':>9} "
+          f"{'recall':>9} {'f1':>9}")
+  rows = [f"{n.ljust(width)} {int(s):8d} {int(p):9d} {pct(pr)} {pct(r)} {pct(f)}"
+          for n, s, p, pr, r, f in zip(names, summary["support"], summary["predicted"],
+                                       summary["precision"], summary["recall"], summary["f1"])]
+  macro = (f"{'macro avg'.ljust(width)} {int(np.sum(summary['support'])):8d} {'':9} "
+           f"{pct(summary['macro_precision'])} {pct(summary['macro_recall'])} "
+           f"{pct(summary['macro_f1'])}")
+  return "\n".join([head, "-" * len(head), *rows, "-" * len(head), macro])
+
+
+def per_class_document(summary: dict, class_names) -> dict:
+  """{class: {'support', 'predicted', 'precision', 'recall', 'f1'}} with None for undefined
+  values (JSON has no NaN)."""
+  num = lambda v: None if np.isnan(v) else float(v)
+  return {str(c): {"support": int(s), "predicted": int(p), "precision": num(pr),
+                   "recall": num(r), "f1": num(f)}
+          for c, s, p, pr, r, f in zip(class_names, summary["support"], summary["predicted"],
+                                       summary["precision"], summary["recall"], summary["f1"])}
 
 
 def gather_rows(x: jax.Array) -> np.ndarray:
@@ -120,14 +176,17 @@ class Evaluator:
     return logs.tty_progress(batches, -(-len(fer_list) // self.batch_size), desc)
 
   def evaluate(self, variables: dict, evals: dict[str, lists.FerList],
-               label_free: Sequence[str] = ()) -> dict[str, dict]:
+               label_free: Sequence[str] = (), keep_probabilities: Sequence[str] = (),
+               show: bool = False) -> dict[str, dict]:
     """`summarize` of every list of `evals` ({name: list}) with the test view, each image once;
     the confusion matrix is summed on the devices. The lists named in `label_free` also get the
-    label-free selection scores of their predictions ('im', 'snd': selection.py)."""
+    label-free selection scores of their predictions ('im', 'snd': selection.py); those named
+    in `keep_probabilities` keep their (N, C) class probabilities, in list order, under
+    'probabilities'. Each list's line is logged (also on the terminal when `show`)."""
     out = {}
     for name, fl in evals.items():
       total, probs = None, None
-      if name in label_free:
+      if name in label_free or name in keep_probabilities:
         probs = np.zeros((len(fl), len(self.class_names)), np.float32)
       for host in self._batches(fl, f"eval {name}"):
         b = parallel.shard_batch({k: host[k] for k in ("image", "label", "valid", "index")},
@@ -142,9 +201,12 @@ class Evaluator:
       if total is None:
         raise ValueError(f"{fl.list_path}: evaluation got no batches")
       out[name] = summarize(np.asarray(jax.device_get(total)))
-      if probs is not None:
+      if probs is not None and name in label_free:
         out[name].update(selection.scores(probs))
-      logging.info("%s", format_metrics(name, out[name], self.class_names))
+      if probs is not None and name in keep_probabilities:
+        out[name]["probabilities"] = probs
+      logging.info("%s", format_metrics(name, out[name], self.class_names),
+                   extra=logs.SHOW if show else None)
     return out
 
   def outputs(self, variables: dict, fer_list: lists.FerList, desc: str = "predict",
@@ -167,22 +229,33 @@ class Evaluator:
     return {"features": feats, "probabilities": probs}
 
 
+CONFUSION_CONVENTION = "rows = true class, columns = predicted class"
+
+
 def scalars(results: dict[str, dict]) -> dict[str, float]:
   out = {}
   for name, r in results.items():
     out[f"eval/{name}_accuracy"] = r["accuracy"]
     out[f"eval/{name}_mean_class_accuracy"] = r["mean_class_accuracy"]
+    if "macro_f1" in r:
+      out[f"eval/{name}_macro_f1"] = r["macro_f1"]
     for key in selection.LABEL_FREE:
       if key in r:
         out[f"eval/{name}_{key}"] = r[key]
   return out
 
 
-def save_confusions(workdir: str, step: int, results: dict[str, dict]) -> None:
-  """Confusion matrices as JSON next to the log (the original pickled them)."""
-  if jax.process_index() != 0:
-    return
+def save_confusions(workdir: str, step: int, results: dict[str, dict],
+                    class_names: Sequence[str]) -> str:
+  """The confusion matrices of an evaluation as `<workdir>/logs/confusion_<step>.json`:
+  {"step", "class_names", "confusion_convention", "confusions": {list: [[int]]}} (the original
+  pickled bare matrices). Returns the path."""
   path = os.path.join(workdir, "logs", f"confusion_{step:06d}.json")
+  if jax.process_index() != 0:
+    return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump({k: v["confusion"].tolist() for k, v in results.items()}, f)
+    json.dump({"step": int(step), "class_names": [str(c) for c in class_names],
+               "confusion_convention": CONFUSION_CONVENTION,
+               "confusions": {k: v["confusion"].tolist() for k, v in results.items()}}, f)
+  return path

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from eercl_jax import checkpoints, inference, parallel
+from eercl_jax import checkpoints, inference, parallel, pictures
 from eercl_jax.data import lists
 from eercl_jax.errors import CheckpointError, ConfigError
 
@@ -65,7 +65,8 @@ def tsne(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 
 def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: np.ndarray,
          class_names: Sequence[str], domain_names: Sequence[str], out_path: str) -> str:
-  """One scatter panel per (title, (N, 2) coordinates): colour = class, marker = domain."""
+  """One scatter panel per (title, (N, 2) coordinates): colour = class, marker = domain
+  (`domain_names`: the legend's names of the lists, e.g. 'target: expw')."""
   # pylint: disable=import-outside-toplevel
   import matplotlib
   matplotlib.use("Agg", force=False)
@@ -90,7 +91,7 @@ def draw(panels: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, domains: 
   handles = [Line2D([], [], linestyle="", marker="o", color=colours(c), label=name)
              for c, name in enumerate(class_names)]
   handles += [Line2D([], [], linestyle="", marker=MARKERS[d % len(MARKERS)], color="0.3",
-                     label=f"list: {name}") for d, name in enumerate(domain_names)]
+                     label=name) for d, name in enumerate(domain_names)]
   fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
   fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -150,5 +151,7 @@ def feature_map(adapt_run: str, out_path: str, *, source_run: str | None = None,
     shown = ", ".join(f"{k} {v * 100:.1f}%" for k, v in accuracy[title].items())
     logging.info("%s (step %d) accuracy on the subsample: %s", title, step, shown)
     panels.append((f"{title} (step {step}): {shown}", tsne(feats, perplexity, seed)))
-  draw(panels, labels, domains, class_names, names, out_path)
+  # The legend names the data sets, not only the roles: 'target: expw', 'source: raf'.
+  draw(panels, labels, domains, class_names,
+       [pictures.list_label(n, eval_lists[n]) for n in names], out_path)
   return {"path": out_path, "counts": {n: len(fl) for n, fl in chosen}, "accuracy": accuracy}

@@ -17,15 +17,29 @@ The evaluation JSON (`config.eval.output`, default WORKDIR/eval/<folder>_step<N>
 
   {"checkpoint": str, "step": int, "stage": str, "class_names": [str],
    "confusion_convention": "rows = true class, columns = predicted class",
-   "lists": {<name>: {"list": str, "count": int, "accuracy": float,
-                      "mean_class_accuracy": float,
+   "predictions": str (the per-image CSV),
+   "lists": {<name>: {"list": str, "dataset": str, "count": int, "accuracy": float,
+                      "mean_class_accuracy": float, "macro_precision": float,
+                      "macro_recall": float, "macro_f1": float,
                       "per_class_accuracy": {<class>: float | null},
+                      "per_class": {<class>: {"support": int, "predicted": int,
+                                              "precision": float | null,
+                                              "recall": float | null, "f1": float | null}},
                       "confusion": [[int]]}}}
 
-Accuracies are fractions in 0..1; a class without images has a null per-class accuracy.
+Accuracies are fractions in 0..1; a class without images has null recall, F1 and per-class
+accuracy and is left out of the macro averages; a class never predicted has precision 0
+(`evaluation.summarize`).
+
+The per-image CSV (the JSON's name with `_predictions.csv`): a row per image of every list,
+`list, path, true, predicted, correct, p_<class>...` - the path relative to the list's image
+root, the true and predicted class names, and the class probabilities of the test view.
+The terminal shows the metrics, per-class table and confusion matrix of each list; the log
+(checkpoint loading, backends) goes to WORKDIR/eval/eval.log.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -36,12 +50,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from eercl_jax import artefact, checkpoints, config_defaults, evaluation, parallel
+from eercl_jax import artefact, checkpoints, config_defaults, evaluation, logs, parallel, pictures
 from eercl_jax.data import images, lists, pipelines, run_lists
 from eercl_jax.errors import CheckpointError, ConfigError, DataError
 from eercl_jax.models import eercl
 
-CONFUSION_CONVENTION = "rows = true class, columns = predicted class"
+CONFUSION_CONVENTION = evaluation.CONFUSION_CONVENTION
 # The fields of config.data that must match the weights (taken from the checkpoint).
 _VIEW_KEYS = ("class_names", "resize", "crop", "mean", "std")
 # Images per batch of an exported model's evaluator (a run's checkpoint uses its eval batch).
@@ -241,11 +255,39 @@ def evaluation_document(loaded: Loaded, results: dict[str, dict],
          "confusion_convention": CONFUSION_CONVENTION, "lists": {}}
   for name, r in results.items():
     per = {c: (None if np.isnan(a) else float(a)) for c, a in zip(names, r["per_class_accuracy"])}
-    out["lists"][name] = {"list": os.path.abspath(list_paths[name]), "count": r["count"],
+    out["lists"][name] = {"list": os.path.abspath(list_paths[name]),
+                          "dataset": pictures.dataset_name(list_paths[name]), "count": r["count"],
                           "accuracy": r["accuracy"],
                           "mean_class_accuracy": r["mean_class_accuracy"],
-                          "per_class_accuracy": per, "confusion": r["confusion"].tolist()}
+                          **{k: _number(r[k]) for k in ("macro_precision", "macro_recall",
+                                                        "macro_f1")},
+                          "per_class_accuracy": per,
+                          "per_class": evaluation.per_class_document(r, names),
+                          "confusion": r["confusion"].tolist()}
   return out
+
+
+def _number(value: float) -> float | None:
+  return None if np.isnan(value) else float(value)
+
+
+def write_predictions(path: str, evals: dict[str, lists.FerList], results: dict[str, dict],
+                      class_names: Sequence[str]) -> str:
+  """The per-image CSV of an evaluation (see the module docstring); `results[name]` holds the
+  list's 'probabilities' in list order."""
+  names = [str(c) for c in class_names]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["list", "path", "true", "predicted", "correct",
+                     *[f"p_{c}" for c in names]])
+    for name, fl in evals.items():
+      probs = results[name]["probabilities"]
+      predicted = np.argmax(probs, -1)
+      for image, label, k, p in zip(fl.paths, fl.labels, predicted, probs):
+        writer.writerow([name, os.path.relpath(image, fl.image_root), names[int(label)],
+                         names[int(k)], int(int(label) == int(k)), *[f"{v:.6g}" for v in p]])
+  return path
 
 
 def format_confusion(confusion: np.ndarray, class_names) -> str:
@@ -261,7 +303,9 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--config.mode=eval`: scores the checkpoint `config.eval.checkpoint` (checkpoints.WHICH of
   `workdir`, or a folder) on `config.eval.lists` (default `config.data.eval_lists`); prints the
-  metrics and confusion matrices and writes them as JSON. Returns the JSON document."""
+  metrics, per-class tables and confusion matrices and writes them as JSON, with the per-image
+  predictions as CSV (module docstring). Returns the JSON document."""
+  logs.setup_file_log(workdir, os.path.join(workdir, "eval", "eval.log"))
   mesh = parallel.create_mesh()
   config_defaults.validate(config, mesh.devices.size, jax.process_count())
   spec = config.eval.checkpoint
@@ -280,21 +324,27 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                                      names_from="the checkpoint's config.data.class_names")
            for name, path in list_paths.items()}
   evaluator = evaluation.Evaluator.from_config(c, loaded.model, mesh)
-  results = evaluator.evaluate(loaded.variables, evals)
+  results = evaluator.evaluate(loaded.variables, evals, keep_probabilities=tuple(evals))
   document = evaluation_document(loaded, results, list_paths)
   output = config.eval.output or os.path.join(
       workdir, "eval", f"{os.path.basename(os.path.normpath(loaded.directory))}_step"
       f"{loaded.step}.json")
+  predictions = f"{os.path.splitext(output)[0]}_predictions.csv"
+  document["predictions"] = os.path.abspath(predictions)
   lines = [f"checkpoint {loaded.directory} step {loaded.step} ({document['stage']} stage, "
            f"{loaded.selection})"]
   for name, r in results.items():
+    lines.append("")
+    lines.append(f"{pictures.list_label(name, list_paths[name])} ({list_paths[name]})")
     lines.append(evaluation.format_metrics(name, r, c.data.class_names))
+    lines.append(evaluation.format_class_table(r, c.data.class_names))
     lines.append(format_confusion(r["confusion"], c.data.class_names))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
       json.dump(document, f, indent=2)
-    lines.append(f"written to {output}")
+    write_predictions(predictions, evals, results, c.data.class_names)
+    lines += ["", f"written to {output}", f"per-image predictions: {predictions}"]
     print("\n".join(lines), flush=True)
   return document
 

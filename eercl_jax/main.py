@@ -8,6 +8,11 @@ a given) checkpoint on the run's evaluation lists or `--config.eval.lists` (eerc
 Exit codes (eercl_jax/constants.py): 0 done; 2 a mistake in the config, the command line or a
 file (one line on stderr names it); 75 stopped by SIGTERM/SIGINT after a checkpoint (rerun to
 resume); 1 any other failure (its traceback in the run's log, one FATAL line last on stderr).
+
+The terminal shows the progress, evaluation and refresh lines, warnings, errors and the final
+line; everything else (the config, checkpoint-library and backend lines) is in the run's log,
+WORKDIR/logs/train.log, or WORKDIR/eval/eval.log in eval mode (eercl_jax/logs.py). absl's
+`--alsologtostderr` puts every line on the terminal too.
 """
 from __future__ import annotations
 
@@ -15,12 +20,16 @@ import atexit
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow (imported only by tensorflow-datasets, for packed lists) prints its C++ INFO lines
+# straight to stderr, before any Python logging could route them: keep them off.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from eercl_jax import constants
-from eercl_jax.errors import UserError
-from eercl_jax.tools import cli
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from eercl_jax import constants, logs  # pylint: disable=wrong-import-position
+from eercl_jax.errors import UserError  # pylint: disable=wrong-import-position
+from eercl_jax.tools import cli  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -38,6 +47,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # From here on the terminal is quiet; what is logged before the log file exists (backend
+  # start-up) is kept and written to it first.
+  logs.quiet_terminal()
   from eercl_jax import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
@@ -49,8 +61,9 @@ def main(argv):
       from eercl_jax import inference  # pylint: disable=import-outside-toplevel
       inference.evaluate_checkpoint(config, _WORKDIR.value)
       return
-    # TensorFlow is only imported for clu's summary writer: keep it off the accelerators.
-    _hide_accelerators_from_tensorflow()
+    if config.data.format == "packed":
+      # tensorflow-datasets imports TensorFlow (nothing else does): keep it off the accelerators.
+      _hide_accelerators_from_tensorflow()
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if config.stage == "source":
       from eercl_jax import train_source  # pylint: disable=import-outside-toplevel

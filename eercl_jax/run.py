@@ -296,7 +296,7 @@ class Run:
       if data.get("iterator") is not None:
         iterator_state = checkpoints.decode_data_state(data["iterator"])
       logging.info("resumed from %s at step %d (%s stage)", self.ckpt.latest.directory,
-                   int(state.step), self.stage)
+                   int(state.step), self.stage, extra=logs.SHOW)
     self.start_step = int(state.step)
     dropped = self.ckpt.drop_best_after(self.start_step)
     if dropped:
@@ -430,20 +430,49 @@ class Run:
                      if key in scalars)
     logging.info("step %d/%d %s lr=%.2e %.2f steps/s input_wait=%.0f%% ETA %s", step,
                  self.config.num_steps, shown, scalars["train/lr"], rate,
-                 100 * scalars["train/input_wait"], eta)
+                 100 * scalars["train/input_wait"], eta, extra=logs.SHOW)
     return scalars
 
   def evaluate(self, step: int, variables: dict, save_confusions: bool = True) -> dict:
     """Scores `variables` on every evaluation list (and the label-free scores of the target's
-    predictions, when the run keeps them); writes the scalars (and confusions)."""
+    predictions, when the run keeps them); writes the scalars, the pictures, a row of
+    metrics.csv (and the confusions)."""
     label_free = ("target",) if len(self.rules) > 1 else ()
-    results = self.evaluator.evaluate(variables, self._evals, label_free=label_free)
+    results = self.evaluator.evaluate(variables, self._evals, label_free=label_free, show=True)
     self.writer.write_scalars(step, evaluation.scalars(results))
-    if jax.process_index() == 0:   # the confusion images and per-class scalars
-      pictures.write_evaluation(self.writer, step, results, self.config.data.class_names)
+    class_names = self.config.data.class_names
+    if jax.process_index() == 0:   # the confusion images and per-class scalars, metrics.csv
+      pictures.write_evaluation(self.writer, step, results, class_names,
+                                {k: fl.list_path for k, fl in self._evals.items()})
+      self.write_metrics_row(step, results)
     if save_confusions:
-      evaluation.save_confusions(self.workdir, step, results)
+      evaluation.save_confusions(self.workdir, step, results, class_names)
     return results
+
+  # A resumed run recomputes the evaluations after its checkpoint: metrics.csv drops the rows
+  # of those steps (written by the killed attempt) before its first new row.
+  _metrics_pruned = False
+
+  def write_metrics_row(self, step: int, results: dict) -> None:
+    """Appends the evaluation of `step` to `<workdir>/metrics.csv`: step, each list's accuracy,
+    mean class accuracy and macro F1, the label-free scores (target_im, target_snd) when
+    computed, the run's wall time (fractions in 0..1, seconds)."""
+    table = logs.MetricsCsv(os.path.join(self.workdir, constants.METRICS_FILE))
+    if not self._metrics_pruned:
+      self._metrics_pruned = True
+      # Rows up to the resumed step stay; with no checkpoint (step 0) nothing is kept.
+      dropped = table.prune(self.start_step, keep_last=self.start_step > 0)
+      if dropped:
+        logging.info("%s: dropped %d row(s) after step %d (the attempt that wrote them stopped "
+                     "before its next checkpoint; they are recomputed)", table.path, dropped,
+                     self.start_step)
+    row = {"step": int(step)}
+    for name, r in results.items():
+      for key in ("accuracy", "mean_class_accuracy", "macro_f1", *selection.LABEL_FREE):
+        if key in r:
+          row[f"{name}_{key}"] = float(r[key])
+    row["wall_time_s"] = round(self._elapsed(), 3)
+    table.append(row)
 
   def show_views(self, step: int, host_batch: dict) -> None:
     """Once per process start: a grid of the first images of each training view of
@@ -453,7 +482,8 @@ class Run:
     self._views_shown = True
     if jax.process_index() == 0:
       keys = [k for k in ("image", "weak", "strong1", "strong2") if k in host_batch]
-      pictures.write_views(self.writer, step - 1, host_batch, keys)
+      pictures.write_views(self.writer, step - 1, host_batch, keys,
+                           class_names=self.config.data.class_names)
 
   def check_finite(self, step: int, state: Any) -> None:
     """Stops the run if the state holds a NaN or an infinity, naming the step, the parameters
@@ -502,7 +532,7 @@ class Run:
         f"{describe_rule(r)} {v:.4f} (best {b.value:.4f} at step {b.step})"
         for r, v, b in ((r, values[r], self.best if r == self.main_rule else self.bests[r])
                         for r in self.rules))
-    logging.info("step %d selection: %s", step, shown)
+    logging.info("step %d selection: %s", step, shown, extra=logs.SHOW)
     return self.results
 
   def save(self, step: int, state: Any, iterator: Any, record: Any = None) -> None:
@@ -556,6 +586,7 @@ class Run:
     path = records.write_results(self.workdir, document)
     summary = "; ".join(self._summary_part(name, entry, pairs is not None)
                         for name, entry in document["lists"].items())
+    # On the terminal as the printed line below (stdout, which scripts read).
     logging.info("final (step %d): %s; %s", self.config.num_steps, summary, best)
     logging.info("results written to %s", path)
     print(f"[{self.stage}] final: {summary}; {best}", flush=True)

@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from eercl_jax import checkpoints, config_defaults, evaluation, methods, optim, parallel, records
+from eercl_jax import (checkpoints, config_defaults, evaluation, logs, methods, optim, parallel,
+                       records)
 from eercl_jax.data import pipelines
 from eercl_jax.data import resident as resident_lib
 from eercl_jax.errors import CheckpointError
@@ -219,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run.writer.write_scalars(it_index, stats)
       logging.info("step %d %s: %s (monitoring only)", it_index, stage.method.refresh_name,
                    ", ".join(f"{k.split('/')[-1].replace('_', ' ')} {v:.4f}"
-                             for k, v in stats.items()))
+                             for k, v in stats.items()), extra=logs.SHOW)
       # The refresh ends the epoch: the next batch starts a new shuffled stream.
       record.stream += 1
       it = new_iterator(record.stream)

@@ -1,6 +1,7 @@
 """Run records (config.json, results.json, the config in the log and in TensorBoard's hparams),
 evaluation of a checkpoint (`--config.mode=eval`) and prediction (`eercl_jax.predict`), on the
 shared tiny source run (the tables of `eercl_jax.summarize`: tests/test_tables.py)."""
+import csv
 import glob
 import json
 import os
@@ -54,9 +55,11 @@ def test_results_and_config_json(source_run):
   # The last evaluation's accuracies are those of its confusion matrices, as fractions (the dry
   # run's lists have unequal class counts, so a mean class accuracy recorded as the accuracy fails).
   confusions = _json(os.path.join(source_run, "logs", "confusion_000004.json"))
+  assert confusions["class_names"] == list(demo_source.get_config().data.class_names)
+  assert confusions["step"] == 4 and confusions["confusion_convention"].startswith("rows = true")
   for name, entry in res["lists"].items():
     assert entry["source_only"] is None
-    cm = np.asarray(confusions[name])
+    cm = np.asarray(confusions["confusions"][name])
     per_class = np.diag(cm) / cm.sum(1)
     assert entry["last"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     assert entry["last"]["mean_class_accuracy"] == pytest.approx(per_class.mean())
@@ -65,6 +68,17 @@ def test_results_and_config_json(source_run):
   log = open(os.path.join(source_run, "logs", "train.log"), encoding="utf-8").read()
   assert "config (also in" in log and "num_steps: 4" in log
   assert "results written to" in log
+  # metrics.csv: the one evaluation (step 4), its accuracies those of results.json.
+  with open(os.path.join(source_run, "metrics.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["step"] for r in rows] == ["4"]
+  assert list(rows[0]) == ["step", "source_accuracy", "source_mean_class_accuracy",
+                           "source_macro_f1", "target_accuracy", "target_mean_class_accuracy",
+                           "target_macro_f1", "wall_time_s"]
+  for name, entry in res["lists"].items():
+    assert float(rows[0][f"{name}_accuracy"]) == pytest.approx(entry["last"]["accuracy"])
+    assert 0.0 <= float(rows[0][f"{name}_macro_f1"]) <= 1.0
+  assert 0 < float(rows[0]["wall_time_s"]) <= res["wall_time_s"]
 
 
 def test_rerun_of_a_finished_run_keeps_its_best_results(source_run, data_dir, monkeypatch,
@@ -122,11 +136,11 @@ def evaluated(source_run, data_dir):
        f"--workdir={source_run}", "--config.mode=eval"],
       cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout, _json(os.path.join(source_run, "eval", "best_step4.json"))
+  return proc.stdout, _json(os.path.join(source_run, "eval", "best_step4.json")), proc.stderr
 
 
 def test_eval_mode_cli(evaluated, source_run):
-  stdout, doc = evaluated
+  stdout, doc, stderr = evaluated
   names = list(demo_source.get_config().data.class_names)
   assert doc["class_names"] == names and doc["step"] == 4 and doc["stage"] == "source"
   assert doc["confusion_convention"] == "rows = true class, columns = predicted class"
@@ -148,6 +162,56 @@ def test_eval_mode_cli(evaluated, source_run):
     assert entry["mean_class_accuracy"] == pytest.approx(res["lists"][name]["best"]["mean_class_accuracy"])
   assert "true \\ predicted" in stdout and "written to" in stdout
   assert stdout.index("target: acc=") < stdout.index("source: acc=")
+  assert "target: synth_wild (" in stdout and "source: synth_studio (" in stdout
+
+
+def test_eval_mode_per_class_scores_and_per_image_predictions(evaluated, source_run):
+  """Precision, recall and F1 per class with macro averages (the JSON and a table on the
+  terminal), and a CSV row per image whose predictions make the JSON's confusion matrices."""
+  stdout, doc, stderr = evaluated
+  names = doc["class_names"]
+  for name, entry in doc["lists"].items():
+    assert entry["dataset"] == {"target": "synth_wild", "source": "synth_studio"}[name]
+    cm = np.asarray(entry["confusion"])
+    per = entry["per_class"]
+    assert [per[c]["support"] for c in names] == cm.sum(1).tolist()
+    assert [per[c]["predicted"] for c in names] == cm.sum(0).tolist()
+    for i, c in enumerate(names):
+      want = cm[i, i] / cm[:, i].sum() if cm[:, i].sum() else 0.0   # never predicted: 0
+      assert per[c]["precision"] == pytest.approx(want)
+      assert per[c]["recall"] == pytest.approx(entry["per_class_accuracy"][c])
+    f1 = [per[c]["f1"] for c in names]
+    assert entry["macro_f1"] == pytest.approx(np.mean(f1))   # every class has images here
+    assert entry["macro_recall"] == pytest.approx(entry["mean_class_accuracy"])
+  assert stdout.count("macro avg") == 2 and "precision" in stdout
+
+  path = os.path.join(source_run, "eval", "best_step4_predictions.csv")
+  assert doc["predictions"] == os.path.abspath(path)
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["list", "path", "true", "predicted", "correct",
+                           *[f"p_{c}" for c in names]]
+  for name, entry in doc["lists"].items():
+    mine = [r for r in rows if r["list"] == name]
+    assert len(mine) == entry["count"]
+    got = np.zeros((len(names), len(names)), int)
+    for r in mine:
+      probs = np.array([float(r[f"p_{c}"]) for c in names])
+      assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+      assert r["predicted"] == names[int(np.argmax(probs))]
+      assert r["correct"] == str(int(r["true"] == r["predicted"]))
+      got[names.index(r["true"]), names.index(r["predicted"])] += 1
+    np.testing.assert_array_equal(got, entry["confusion"])
+  # Paths relative to the image root, in list order.
+  with open(doc["lists"]["target"]["list"]) as f:
+    listed = [line.split()[0] for line in f if line.strip()]
+  assert [r["path"] for r in rows if r["list"] == "target"] == listed
+
+  # The terminal holds the report, no checkpoint-library or config lines; those are in the log.
+  assert "checkpoint_manager" not in stderr and "orbax" not in stderr
+  assert len((stdout + stderr).splitlines()) < 60
+  log = open(os.path.join(source_run, "eval", "eval.log"), encoding="utf-8").read()
+  assert "checkpoint_manager.py" in log and "loaded " in log
 
 
 def _eval_config(**eval_keys):

@@ -28,10 +28,10 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
-import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
@@ -197,10 +197,15 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
                            None if progress is None else lambda done: progress(done, n)),
         description=f"FER list {fer_list.list_path} ({len(fer_list)} images), packed by "
                     "eercl_jax.data.pack", data_dir=tmp, file_format="array_record")
-    # tfds prints its progress bars and a "prepared" line on stdout; callers (the bench's JSON
-    # lines, a user's script) own stdout, so they go to stderr.
-    with contextlib.redirect_stdout(sys.stderr), _tfds_progress(progress is None):
+    # tfds draws progress bars (stderr) and prints "Downloading and preparing" / "downloaded
+    # and prepared" lines (stdout, which callers own: the bench's JSON lines, the pack
+    # command's path): the bars are off (callers show their own), the lines go to the log.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), _tfds_progress(False):
       builder.download_and_prepare()
+    for line in printed.getvalue().splitlines():
+      if line.strip():
+        logging.info("tfds: %s", line.strip())
     names = record_files(tmp)
     if not names:
       raise RuntimeError(f"tfds wrote no ArrayRecord file under {tfds_dir(tmp)}")
