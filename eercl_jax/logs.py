@@ -8,19 +8,14 @@ goes to the run's log file, `<workdir>/logs/train.log` (`setup_file_log`). Recor
 before the file exists (start-up, backend initialisation) are kept and written to it first.
 `--alsologtostderr` (absl) shows everything on the terminal again.
 
-TensorBoard: `EventWriter` writes event files without TensorFlow, scalars as plain values
-(TensorBoard's `EventAccumulator.Scalars(tag)` reads them; the tensor scalars of
-`tf.summary.scalar` are invisible to it), images as PNG, the config as hparams.
+TensorBoard event files: eercl_jax/event_files.py.
 """
 from __future__ import annotations
 
 import csv
 import datetime
-import io
 import logging as py_logging
-import itertools
 import os
-import socket
 import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, TextIO
@@ -33,7 +28,6 @@ from absl import flags, logging
 _FORMAT = "%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"
 SHOW = {"show": True}   # `extra=` of a log call whose line also belongs on the terminal
 _EARLY_LIMIT = 10000    # records kept for the log file before it exists
-_WRITERS = itertools.count()   # event files of this process (names must differ)
 
 
 class _Terminal(py_logging.Filter):
@@ -104,113 +98,6 @@ def setup_file_log(workdir: str, path: str | None = None) -> str:
   root.addHandler(handler)
   logging.set_verbosity(logging.INFO)
   return path
-
-
-# --------------------------------------------------------------------------------- TensorBoard
-
-class EventWriter:
-  """TensorBoard event files in `logdir`, written without TensorFlow (clu's MetricWriter
-  methods that the runs use: write_scalars, write_images, write_hparams, flush, close).
-
-  Scalars are stored as plain values (`Summary.Value.simple_value`): TensorBoard shows them as
-  any scalar, and `EventAccumulator(...).Scalars(tag)` returns them. Images are PNGs."""
-
-  def __init__(self, logdir: str):
-    # pylint: disable=import-outside-toplevel
-    # The record framing only: tensorboard's EventFileWriter would import TensorFlow (for its
-    # gfile), which a run does not otherwise need.
-    from tensorboard.summary.writer.record_writer import RecordWriter
-    from tensorboard.compat.proto import event_pb2
-    os.makedirs(logdir, exist_ok=True)
-    self.logdir = logdir
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}."
-                             f"{socket.gethostname()}.{os.getpid()}.{next(_WRITERS)}.v2")
-    self._records = RecordWriter(open(self.path, "wb"))  # pylint: disable=consider-using-with
-    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-  def _add(self, event) -> None:
-    # Written through at once: TensorBoard shows a live run, and a killed run loses nothing.
-    self._records.write(event.SerializeToString())
-    self._records.flush()
-
-  def _write(self, step: int, values: list) -> None:
-    # pylint: disable-next=import-outside-toplevel
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    self._add(event_pb2.Event(wall_time=time.time(), step=int(step),
-                              summary=summary_pb2.Summary(value=values)))
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=import-outside-toplevel
-    self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(np.asarray(v)))
-                       for k, v in scalars.items()])
-
-  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    """{tag: (H, W, C) or (N, H, W, C) uint8 (or float in 0..1)}; with N > 1 the images are
-    tagged `<tag>/<i>`."""
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=import-outside-toplevel
-    values = []
-    for tag, batch in images.items():
-      batch = np.asarray(batch)
-      batch = batch[None] if batch.ndim == 3 else batch
-      for i, image in enumerate(batch):
-        values.append(summary_pb2.Summary.Value(
-            tag=tag if len(batch) == 1 else f"{tag}/{i}", image=_image_proto(image)))
-    self._write(step, values)
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
-    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=import-outside-toplevel
-    self._add(event_pb2.Event(wall_time=time.time(), step=0,
-                              summary=summary_v2.hparams_pb(dict(hparams))))
-
-  def flush(self) -> None:
-    self._records.flush()
-
-  def close(self) -> None:
-    if not self._records.closed:
-      self._records.close()
-
-
-def _image_proto(image: np.ndarray):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from tensorboard.compat.proto import summary_pb2  # pylint: disable=import-outside-toplevel
-  if image.dtype != np.uint8:
-    image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-  if image.ndim == 2:
-    image = image[..., None]
-  h, w, c = image.shape
-  buffer = io.BytesIO()
-  Image.fromarray(image[..., 0] if c == 1 else image).save(buffer, format="PNG")
-  return summary_pb2.Summary.Image(height=h, width=w, colorspace=c,
-                                   encoded_image_string=buffer.getvalue())
-
-
-class NullWriter:
-  """The writer of processes other than 0: writes nothing."""
-
-  def write_scalars(self, step, scalars):
-    del step, scalars
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-def create_writer(workdir: str):
-  """The TensorBoard writer of `<workdir>/tensorboard` on process 0, a writer that writes
-  nothing elsewhere. (Not clu's: its SummaryWriter imports TensorFlow and stores scalars as
-  tensors, and its default writer also logged every scalar dict as a line.)"""
-  if jax.process_index() > 0:
-    return NullWriter()
-  return EventWriter(os.path.join(workdir, "tensorboard"))
 
 
 # --------------------------------------------------------------------------------- metrics CSV

@@ -48,8 +48,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
-                       pictures, records, selection)
+from eercl_jax import (checkpoints, config_defaults, constants, evaluation, event_files, logs,
+                       optim, parallel, pictures, records, selection)
 from eercl_jax.data import host, packed, pipelines, run_lists
 from eercl_jax.errors import CheckpointError, DataError
 from eercl_jax.models import registry
@@ -207,7 +207,7 @@ class Run:
     if jax.process_index() == 0:
       self.lock.acquire()
     logs.setup_file_log(workdir)
-    self.writer = logs.create_writer(workdir)
+    self.writer = event_files.create_writer(workdir)
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
     self._record_config(config, workdir)

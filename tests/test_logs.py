@@ -15,7 +15,7 @@ import pytest
 from absl import logging
 
 from configs import demo_source
-from eercl_jax import constants, evaluation, logs, run as run_lib
+from eercl_jax import constants, evaluation, event_files, logs, run as run_lib
 from tests.conftest import REPO
 from tests.test_run import ToyIterator, ToyState
 
@@ -30,7 +30,11 @@ def _accumulator(logdir):
 
 
 def test_event_writer_scalars_images_hparams(tmp_path):
-  writer = logs.create_writer(str(tmp_path))
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  writer = event_files.create_writer(str(tmp_path))
+  assert isinstance(writer, metric_writers.MetricWriter)   # usable wherever clu's writers are
+  with pytest.raises(NotImplementedError, match="texts"):
+    writer.write_texts(1, {"note": "x"})
   writer.write_hparams({"num_steps": 4, "stage": "source"})
   writer.write_scalars(1, {"train/loss": 1.5, "eval/target_accuracy": np.float32(0.25)})
   writer.write_scalars(2, {"train/loss": jnp.asarray(1.25)})
@@ -43,7 +47,7 @@ def test_event_writer_scalars_images_hparams(tmp_path):
   assert (image.step, image.width, image.height) == (2, 10, 6)
   assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
   # A second writer of the same process writes its own file (TensorBoard reads both).
-  logs.create_writer(str(tmp_path)).write_scalars(3, {"train/loss": 1.0})
+  event_files.create_writer(str(tmp_path)).write_scalars(3, {"train/loss": 1.0})
   assert len(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))) == 2
 
 
