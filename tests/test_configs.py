@@ -133,6 +133,18 @@ def test_config_families_take_arguments(family, arg):
     assert (c.batch_size, c.num_steps) == (32, 10)
 
 
+def test_demo_adaptation_runs_any_method_with_its_authors_optimiser():
+  demo = os.path.join(REPO, "configs", "demo_adapt.py")
+  eercl = _load(demo)
+  assert (eercl.method, eercl.optim.lr, eercl.bn_group_size) == ("eercl", 0.002, 32)
+  for method in ("source_only", "adabn", "tent", "shot", "nrc", "aad"):
+    c = _load(demo, f"method={method}")
+    config_defaults.validate(c, num_devices=1)
+    recipe = _load(os.path.join(REPO, "configs", "adapt.py"), f"method={method}")
+    assert c.method == method and c.optim.to_dict() == recipe.optim.to_dict(), method
+    assert c.bn_group_size == c.batch_size == 64 and c.num_steps == eercl.num_steps
+
+
 def test_family_files_are_the_named_configs():
   for name, family, arg in (("source_raf", "source", "source=raf"),
                             ("source_raf_r50", "source", "source=raf,backbone=resnet"),
