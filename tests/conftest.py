@@ -13,6 +13,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eerc
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The reference tests restate their authors' optimisers with torch.optim, which imports
+# torch._dynamo; in a process that has imported TensorFlow (clu's metric writers do, in every
+# run) that import segfaults (torch 2.14 with TF 2.21); imported first, both load.
+try:
+  import torch._dynamo  # pylint: disable=wrong-import-position,unused-import
+except ImportError:   # torch is a test-only dependency of the reference tests
+  pass
+
 import pytest  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 
