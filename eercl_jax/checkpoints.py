@@ -8,9 +8,10 @@ best one by the stage's selection rule. Each checkpoint has three items:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -55,7 +56,9 @@ class RunCheckpoints:
   def latest_meta(self) -> dict:
     """The metadata of the latest checkpoint (read without restoring its state)."""
     step = self.latest.latest_step()
-    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with readable(self.latest.directory, step):
+      return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+          "meta"]
 
   def drop_best_after(self, step: int) -> list[int]:
     """Deletes best/ checkpoints newer than `step`. A run killed between a best/ save and the
@@ -86,8 +89,31 @@ class RunCheckpoints:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-  out = manager.restore(step, args=args)
+  with readable(manager.directory, step):
+    out = manager.restore(step, args=args)
   return out["state"], out["data"], out["meta"]
+
+
+@contextlib.contextmanager
+def readable(directory, step: int) -> Iterator[None]:
+  """Reading checkpoint `step` of `directory`: a failure of orbax or TensorStore (a truncated or
+  corrupt file, a step folder half deleted, arrays of other shapes) becomes a `CheckpointError`
+  naming the step's folder, in one line (TensorStore's own message runs over dozens)."""
+  try:
+    yield
+  except (CheckpointError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    cause = e   # orbax wraps TensorStore's error, whose own words say which file and array
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    first = (lines[0] if lines else "")[:300]
+    raise CheckpointError(
+        f"cannot read the checkpoint {os.path.join(str(directory), str(step))}: "
+        f"{type(cause).__name__}: {first}; a file of it is truncated or corrupt, or it holds "
+        "another model: delete that step's folder to use an earlier step, or name another "
+        "checkpoint") from e
 
 
 def read_meta(directory: str) -> tuple[int, dict]:
@@ -96,7 +122,8 @@ def read_meta(directory: str) -> tuple[int, dict]:
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no orbax checkpoint found in {directory!r}")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with readable(directory, step):
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   manager.close()
   return step, meta
 
@@ -108,7 +135,8 @@ def read_meta_at(directory: str, step: int) -> dict:
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r} (steps there: "
                               f"{sorted(manager.all_steps())})")
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with readable(directory, step):
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
     manager.close()
 
@@ -119,8 +147,9 @@ def restore_subtree(directory: str, abstract_subtree: dict, step: int | None = N
   manager = _manager(directory, 1)
   step = manager.latest_step() if step is None else step
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
-  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
+  with readable(directory, step):
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
   manager.close()
   return out["state"]
 
@@ -213,12 +242,7 @@ def restore_variables(directory: str, model, image_size: int, sharding,
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       eercl.variable_shapes(model, image_size))
-  try:
-    return restore_subtree(directory, abstract, step), step
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f"could not restore params/batch_stats from {directory} step {step}: "
-                          f"{e}") \
-        from e
+  return restore_subtree(directory, abstract, step), step   # errors: a CheckpointError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,3 +338,34 @@ def check_resume_config(stored: dict, config, step: int, where: str) -> None:
                      f"checkpoint in {where}: the run would end before it starts")
   for k in changed:
     logging.info("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))
+
+
+def describe_pixels(pixels: dict) -> str:
+  """How a run's training images reach its views (`pixels`: {'format', 'stored_size', 'set'})."""
+  if pixels.get("format") != "packed":
+    return "'folder' (the image files, decoded)"
+  size = pixels.get("stored_size")
+  kind = "lossless" if size is None else f"stored resized to {size}x{size}"
+  return f"'packed' ({kind}, {pixels.get('set')})"
+
+
+def check_resume_pixels(meta: dict, pixels: dict | None, step: int, where: str) -> None:
+  """Before restoring: the training list's images must reach the views as in the checkpoint's
+  run. A packed set stored resized (`pack --resize`) changes the strong views (their random crop
+  starts from the squashed image, docs/data.md), so changing `data.format` between image files
+  or a lossless set and a resized set - or between two stored sizes - would not continue the same
+  run; folder <-> lossless packed gives the same batches and is allowed. `pixels` None (not
+  known) or a checkpoint of a packed run that predates this record skip the check."""
+  if pixels is None:
+    return
+  old = meta.get("train_pixels")
+  if old is None:
+    if meta.get("config", {}).get("data", {}).get("format", "folder") != "folder":
+      return
+    old = {"format": "folder", "stored_size": None}
+  if old.get("stored_size") != pixels.get("stored_size"):
+    raise ConfigError(
+        f"cannot resume {where} (step {step}) with this config: the training images would reach "
+        "the strong views at another size (docs/data.md, stored resized; use a new --workdir, or "
+        f"restore the old data):\n  data.format: {describe_pixels(old)} -> "
+        f"{describe_pixels(pixels)}")

@@ -3,6 +3,7 @@ that write TensorBoard event files to `<workdir>/tensorboard`. Only process 0 wr
 from __future__ import annotations
 
 import datetime
+import functools
 import logging as py_logging
 import os
 import sys
@@ -46,19 +47,71 @@ def setup_file_log(workdir: str) -> str:
   return path
 
 
+def file_path() -> str | None:
+  """The run's log file (`setup_file_log`) of this process, if it has one."""
+  for handler in logging.get_absl_logger().handlers:
+    path = getattr(handler, "_eercl_path", None)
+    if path is not None:
+      return path
+  return None
+
+
+def to_file(message: str, level: int = py_logging.ERROR, exc_info=None) -> None:
+  """`message` (with the traceback of `exc_info`) in the run's log file only, not on stderr:
+  for what stderr says once, in its own words (a user mistake's one line)."""
+  logger = logging.get_absl_logger()
+  record = logger.makeRecord(logger.name, level, __file__, 0, message, None, exc_info)
+  for handler in logger.handlers:
+    if getattr(handler, "_eercl_path", None) is not None:
+      handler.handle(record)
+
+
 def create_writer(workdir: str):
-  """clu's TensorBoard writer on process 0, a writer that writes nothing elsewhere.
+  """clu's TensorBoard writer on process 0, a writer that writes nothing elsewhere; both with
+  `start_session(step)` (see `_writer_classes`).
 
   Not clu's default writer: that one also logs every scalar dict as a line, which doubled each
   progress line (the loop logs its own readable line, and the evaluations theirs)."""
-  # Imported here: clu's writer pulls in TensorFlow, which only a training run needs (tools and
-  # tests that import this package stay light; importing TensorFlow before PyTorch crashes some
-  # PyTorch builds).
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  summary_writer, writers = _writer_classes()
   if jax.process_index() > 0:
-    return metric_writers.MultiWriter([])
-  return metric_writers.MultiWriter(
-      [metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))])
+    return writers([])
+  return writers([summary_writer(os.path.join(workdir, "tensorboard"))])
+
+
+@functools.lru_cache(maxsize=None)
+def _writer_classes():
+  """(TensorBoard writer, multi-writer) classes: clu's, with `start_session(step)`.
+
+  `start_session(step)` marks where a run's process starts (resumes) in its event file: a
+  SessionLog START event at `step`, written before anything else of the session. TensorBoard
+  takes the first START of a folder as the run's start and every later one as a restart, and
+  discards what earlier sessions wrote at steps >= that step, so the steps a killed run logged
+  past its last checkpoint (and logs again after resuming) are not shown twice.
+
+  Defined on first use: clu's writer pulls in TensorFlow, which only a training run needs (tools
+  and tests that import this package stay light; importing TensorFlow before PyTorch crashes
+  some PyTorch builds)."""
+  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  from clu import metric_writers
+  from tensorflow.core.util import event_pb2
+  from tensorflow.python.ops import summary_ops_v2
+
+  class SummaryWriter(metric_writers.SummaryWriter):
+    def start_session(self, step: int) -> None:
+      event = event_pb2.Event(wall_time=time.time(), step=int(step),
+                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+      with self._summary_writer.as_default():   # the file of this writer's other events
+        summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
+      self.flush()
+
+  class MultiWriter(metric_writers.MultiWriter):
+    def start_session(self, step: int) -> None:
+      for writer in self._writers:
+        if hasattr(writer, "start_session"):
+          writer.start_session(step)
+
+  return SummaryWriter, MultiWriter
 
 
 def tty_progress(items: Iterable, total: int, desc: str,

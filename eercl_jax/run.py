@@ -28,19 +28,22 @@ Cluster safety, also here: process 0 holds an exclusive lock on the workdir for 
 lifetime; no state with a non-finite value is ever saved (the run stops with an error naming
 the step and the non-finite terms, and the last good checkpoint stays); SIGTERM / SIGINT finish
 the current step, write a checkpoint and exit with `constants.EXIT_PREEMPTED` (75), so a
-scheduler can requeue the same command, which resumes.
+scheduler can requeue the same command, which resumes. A scheduler signals the whole process
+group: the data worker processes ignore both signals (data/pipelines.py) and end with the run.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +53,7 @@ from jax.experimental import multihost_utils
 
 from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
                        pictures, records, selection)
-from eercl_jax.data import host, pipelines, run_lists
+from eercl_jax.data import host, packed, pipelines, run_lists
 from eercl_jax.models import registry
 
 
@@ -73,9 +76,14 @@ class WorkdirLock:
   """An exclusive lock file `<workdir>/run.lock` naming its holder's host and pid.
 
   A second run on the same workdir is refused with the holder's name; a lock whose process is
-  gone (same host, pid not alive) is stale and taken over. Re-entrant within one process (a
-  process runs one loop at a time). Only process 0 of a multi-process run takes it.
+  gone (same host, pid not alive) is stale and taken over, and so is one that names no holder
+  (empty or unreadable: a run that died between creating and writing it, e.g. on a full disk)
+  once it is older than `GRACE_S` (younger, its creator may be writing it right now). Re-entrant
+  within one process (a process runs one loop at a time). Only process 0 of a multi-process run
+  takes it.
   """
+
+  GRACE_S = 2.0   # a creator writes its lock microseconds after creating it
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, constants.LOCK_FILE)
@@ -83,43 +91,69 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(3):
+    deadline = time.monotonic() + 4 * self.GRACE_S
+    while True:
+      if time.monotonic() > deadline:   # other runs keep taking and dropping it
+        raise RuntimeError(f"could not take the lock {self.path}; delete it if no run uses "
+                           "this workdir")
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         holder = self._holder()
         if holder == me:
           break
-        if holder is not None and holder.get("host") == me["host"] and \
-            not _pid_alive(holder.get("pid")):
-          logging.warning("taking over the stale lock %s of %s (process gone)", self.path, holder)
+        if holder is None:
+          age = _age(self.path)
+          if age is None:                 # removed meanwhile: try again
+            continue
+          if age < self.GRACE_S:          # being written by its creator right now: look again
+            time.sleep(0.05)
+            continue
+          logging.warning("taking over the lock %s: it names no holder (empty or unreadable, "
+                          "left by a run that died while creating it)", self.path)
           _remove(self.path)
           continue
-        if holder is None:   # being written by its creator right now, or empty: look again
+        if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+          logging.warning("taking over the stale lock %s of %s (process gone)", self.path, holder)
+          _remove(self.path)
           continue
         raise RuntimeError(
             f"workdir {os.path.dirname(self.path)!r} is in use by another run (host "
             f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, use another "
-            f"--workdir, or delete {self.path} if that run is dead")
+            f"--workdir, or delete {self.path} if that run is dead") from None
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       break
-    else:
-      raise RuntimeError(f"could not take the lock {self.path}")
     self.held = True
     atexit.register(self.release)
 
   def release(self) -> None:
-    if self.held and self._holder() == {"host": socket.gethostname(), "pid": os.getpid()}:
+    if self.held and self.mine():
       _remove(self.path)
     self.held = False
 
+  def mine(self) -> bool:
+    """Whether the lock file names this process."""
+    return self._holder() == {"host": socket.gethostname(), "pid": os.getpid()}
+
   def _holder(self) -> dict | None:
+    """{'host', 'pid'} of the lock file; None when it is missing, empty or names no holder."""
     try:
       with open(self.path) as f:
-        return json.load(f)
+        holder = json.load(f)
     except (OSError, ValueError):
       return None
+    if not isinstance(holder, dict) or not {"host", "pid"} <= set(holder):
+      return None
+    return holder
+
+
+def _age(path: str) -> float | None:
+  """Seconds since `path` was last written; None when it is gone."""
+  try:
+    return time.time() - os.stat(path).st_mtime
+  except FileNotFoundError:
+    return None
 
 
 def _pid_alive(pid) -> bool:
@@ -137,6 +171,64 @@ def _remove(path: str) -> None:
     os.remove(path)
   except FileNotFoundError:
     pass
+
+
+def train_pixels(train_list) -> dict:
+  """How a run's training images reach its views, recorded in its checkpoints and checked on
+  resuming (`checkpoints.check_resume_pixels`): {'format': 'folder' | 'packed', 'stored_size':
+  None (as decoded) | R (a packed set stored resized), 'set': the packed set's folder}."""
+  if not train_list.packed_dir:
+    return {"format": "folder", "stored_size": None, "set": None}
+  return {"format": "packed", "stored_size": packed.read_meta(train_list.packed_dir)["stored_size"],
+          "set": train_list.packed_dir}
+
+
+# Workdirs (absolute) in which this process ended a training step: a failure after that keeps
+# the run folder (its log, TensorBoard, checkpoints), one before it need not.
+_STEPPED: set[str] = set()
+
+
+@contextlib.contextmanager
+def removed_if_failed_early(workdir: str) -> Iterator[None]:
+  """Around a training run's start and loop: when it fails before its first step ended and
+  `workdir` was new - absent or empty before - what the start wrote there (config.json, logs/,
+  tensorboard/, the empty checkpoint folders, the lock) is removed, with the folders above it
+  that the start created and left empty, so a mistake leaves no run folder behind. A workdir
+  that held anything (a run to resume) is never touched; nor is anything after a first step."""
+  workdir = os.path.abspath(workdir)
+  created = []   # the workdir and its ancestors that do not exist yet, deepest first
+  folder = workdir
+  while not os.path.exists(folder):
+    created.append(folder)
+    folder = os.path.dirname(folder)
+  was_empty = not created and os.path.isdir(workdir) and not os.listdir(workdir)
+  try:
+    yield
+  except BaseException:
+    if (created or was_empty) and workdir not in _STEPPED and jax.process_index() == 0:
+      _remove_start(workdir, created)
+    raise
+
+
+def _remove_start(workdir: str, created: Sequence[str]) -> None:
+  # Only what this process wrote under its own lock: a run started on the same new workdir at
+  # the same moment, which holds the lock, keeps its files.
+  mine = WorkdirLock(workdir).mine()
+  if created:
+    if mine:
+      shutil.rmtree(workdir, ignore_errors=True)
+    for folder in created[1 if mine else 0:]:   # the folders it needed, while empty
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
+  elif mine:
+    for name in os.listdir(workdir):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        _remove(path)
 
 
 @jax.jit
@@ -209,7 +301,8 @@ class Run:
     self.writer = logs.create_writer(workdir)
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
-    self._record_config(config, workdir)
+    logging.info("config (recorded in %s once the run starts):\n%s",
+                 os.path.join(workdir, constants.CONFIG_FILE), config)
     self.main_rule = selection_rule(config.data.select_by)
     self.rules = [self.main_rule]
     if label_free:
@@ -233,6 +326,7 @@ class Run:
     self._stop_signal = 0
     self._finite_step = -1   # the last step whose state was found finite
     self._views_shown = False
+    self._train_pixels: dict | None = None   # how the training images reach the views
     self._started, self._elapsed_before = time.time(), 0.0   # wall time, over resumes
     # Input wait: seconds the step loop spent in `next_batch` since the last log line.
     self._input_wait, self._window_start = 0.0, time.perf_counter()
@@ -245,11 +339,10 @@ class Run:
   # -------------------------------------------------------------------------------- start-up
 
   def _record_config(self, config, workdir: str) -> None:
-    """config.json, the config in the log and in TensorBoard's hparams; a results.json of an
-    earlier finish is removed (the run is not finished while it continues)."""
+    """config.json and the config in TensorBoard's hparams; a results.json of an earlier finish
+    is removed (the run is not finished while it continues). Once the resume checks passed: a
+    refused resume leaves the run's record as it was."""
     records.write_config(workdir, config)
-    logging.info("config (also in %s):\n%s", os.path.join(workdir, constants.CONFIG_FILE),
-                 config)
     self.writer.write_hparams(records.hparams(config))
     if jax.process_index() == 0:
       _remove(os.path.join(workdir, constants.RESULTS_FILE))
@@ -258,7 +351,9 @@ class Run:
     """(training list, {name: evaluation list}) of the run, read and checked before any
     training; the built-in synthetic set is generated first when the config asks for it."""
     run_lists.prepare(self.config.data)
-    return run_lists.read_run_lists(self.config.data)
+    train, evals = run_lists.read_run_lists(self.config.data)
+    self._train_pixels = train_pixels(train)
+    return train, evals
 
   def set_evaluation(self, model, evals: dict,
                      evaluator: evaluation.Evaluator | None = None) -> None:
@@ -280,6 +375,7 @@ class Run:
       meta = self.ckpt.latest_meta()
       checkpoints.check_model_meta(meta, self.config, str(where))
       checkpoints.check_resume_config(meta.get("config", {}), self.config, latest, str(where))
+      checkpoints.check_resume_pixels(meta, self._train_pixels, latest, str(where))
       state, data, meta = self.ckpt.restore_latest(checkpoints.abstract_like(state))
       self.best = Best(**meta.get("best", {}))
       self.bests.update({r: Best(**b) for r, b in meta.get("selections", {}).items()
@@ -294,12 +390,16 @@ class Run:
       logging.info("resumed from %s at step %d (%s stage)", self.ckpt.latest.directory,
                    int(state.step), self.stage)
     self.start_step = int(state.step)
+    self._record_config(self.config, self.workdir)
     dropped = self.ckpt.drop_best_after(self.start_step)
     if dropped:
       logging.info("best/ held step(s) %s past the resumed step %d (a kill between saves): "
                    "dropped, they are recomputed", dropped, self.start_step)
     self._progress = logs.Progress(self.start_step, self.config.num_steps)
     self._input_wait, self._window_start = 0.0, time.perf_counter()
+    # TensorBoard: this session starts at the next step; what an earlier session logged from
+    # there on (past its last checkpoint, before it was killed) is discarded, not shown twice.
+    self.writer.start_session(self.start_step + 1)
     return state, record, iterator_state
 
   def steps(self) -> range:
@@ -321,6 +421,7 @@ class Run:
     """After step `step`: accumulate its metrics; log, evaluate (+ best checkpoint) and
     checkpoint when each is due."""
     c = self.config
+    _STEPPED.add(os.path.abspath(self.workdir))
     self._running.add(metrics)
     logged = itstime(step, c.log_every, c.num_steps)
     if logged:
@@ -445,6 +546,8 @@ class Run:
             "history": self.history, **extra}
     if record is not None:
       meta.update(dataclasses.asdict(record))
+    if self._train_pixels is not None:
+      meta["train_pixels"] = self._train_pixels
     return checkpoints.run_meta(self.config, step, meta)
 
   # ----------------------------------------------------------------------------------- end
