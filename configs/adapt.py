@@ -24,7 +24,8 @@ A baseline `method` gets its authors' optimiser and batch norm over the whole ba
 GPU); its loss settings are config.<method> (config_defaults.adapt_config), the run's length,
 batch and evaluations are this family's (the same for every row of a table):
 source_only, adabn  no optimiser steps (the source model; AdaBN re-estimates the BN statistics)
-tent    Adam lr 1e-3, no weight decay, constant; only the backbone's normalisation affine trained
+tent    Adam lr 1e-3, no weight decay, constant, one group (every multiplier 1x); only the
+        backbone's normalisation affine trained
 shot    SGD (Nesterov, momentum 0.9, coupled wd 1e-3) lr 1e-2 x (1 + 10 p)^-0.75, backbone 0.1x,
         head 1x, classifier frozen
 nrc, aad  SGD (Nesterov, momentum 0.9, coupled wd 1e-3) lr 1e-3 x (1 + 10 p)^-0.75, backbone
@@ -57,8 +58,8 @@ def baseline(c, method: str):
   c.method = method
   c.bn_group_size = c.batch_size             # their single GPU: BN over the whole batch
   o = c.optim
-  for group in o.lr_mult:                    # their groups: the backbone at 0.1x, the rest 1x
-    o.lr_mult[group] = 0.1 if group == "backbone" else 1.0
+  for group in o.lr_mult:   # their groups: the backbone at 0.1x, the rest 1x; Tent's one group
+    o.lr_mult[group] = 0.1 if group == "backbone" and method != "tent" else 1.0
   if method == "tent":
     o.name, o.lr, o.weight_decay, o.schedule = "adam", 1e-3, 0.0, "constant"
   elif method in ("shot", "nrc", "aad"):

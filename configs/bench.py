@@ -11,6 +11,10 @@ it measures with (`source`, `adapt`; any field can be overridden, e.g.
                                               stage configs shrunk by config_defaults.runlocal
                                               and small sizes (the suite runs gpu_check's so)
 
+--config.bench.compile_only=True compiles the steps without running them (their device memory
+and FLOPs); --config.bench.compile_for=benchmarks/gpu_targets/<gpu>.txtpb compiles them for that
+GPU on a machine without one (jax's CUDA plugin: requirements-gpu.txt; README: Device memory).
+
 Random weights; the synthetic images the bench writes stand in for the data (a step's cost does
 not depend on them).
 """
@@ -33,6 +37,9 @@ def _settings(preset: str) -> ml_collections.ConfigDict:
       sections="step,refresh,pipeline,views,knn",
       stages="source,adapt",         # of the step section
       steps=5, repeats=3,            # timed steps per repeat, timed repeats (step, refresh, knn)
+      compile_only=False,            # step: compile only - memory and FLOPs, no timing
+      compile_for="",                # step: compile only, for the GPU this XLA GPU target
+                                     # config describes (benchmarks/gpu_targets/*.txtpb)
       bank_rows=10_000,              # target images N of the adaptation step
       workers="0,1,2",               # grain worker counts of the pipeline ('auto': the host's)
       image_px=400,                  # side of the synthetic JPEGs
@@ -92,6 +99,9 @@ def get_config(arg: str = "cpu"):
   if first.endswith(".py"):              # a training config: its own stage only
     stage = _load(first)
     stage.model.init_from = ""
+    for key in config_defaults.unset_from_source(stage):   # no source run: its defaults
+      group, field = key.split(".")
+      stage[group][field] = source.get_config()[group][field]
     c.bench = _settings("vit_b16_224")
     c.bench.stages = stage.stage
     c[stage.stage] = stage
@@ -101,6 +111,9 @@ def get_config(arg: str = "cpu"):
       c.source, c.adapt = demo_source.get_config(), demo_adapt.get_config()
     else:
       c.source, c.adapt = _real(source.get_config()), _real(adapt.get_config("target=bench"))
+    for key in config_defaults.FROM_SOURCE:   # the adaptation of that source model
+      group, field = key.split(".")
+      c.adapt[group][field] = c.source[group][field]
   else:
     raise ValueError(f"configs/bench.py: unknown preset {first!r}; expected one of {PRESETS} "
                      "or a training config file")

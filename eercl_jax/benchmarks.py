@@ -12,6 +12,10 @@ with random weights and random images:
             bfloat16 dense peak, and the compiled step's device memory (XLA's memory analysis:
             arguments + outputs + temporaries - donated aliases). An adaptation "image" is one
             target image in its three views (teacher forward + online forward and backward).
+            `compile_only`: the compiled step's memory and FLOPs, without running it (what a
+            device without the memory, or a CPU, can still say about a large step);
+            `compile_for`: the same for the GPU an XLA GPU target config describes, compiled
+            on this machine (no GPU needed; README: Device memory (estimated)).
   refresh   the adaptation's full pass over the target list (`AdaptBuild.refresh`) over
             `refresh_images` synthetic JPEGs: through the input pipeline, then from the packed
             list resident in host RAM (host view; device view) and in device memory.
@@ -25,10 +29,12 @@ with random weights and random images:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -90,7 +96,8 @@ def compiled_cost(compiled) -> dict[str, float]:
   if m is not None:
     out["memory_bytes"] = float(m.argument_size_in_bytes + m.output_size_in_bytes
                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    out["temp_bytes"] = float(m.temp_size_in_bytes)
+    for part in ("argument", "output", "alias", "temp"):
+      out[f"{part}_bytes"] = float(getattr(m, f"{part}_size_in_bytes"))
   return out
 
 
@@ -103,13 +110,55 @@ def random_variables(model, crop: int) -> dict:
 
 # ----------------------------------------------------------------------------------- step
 
+DEVICELESS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+
+
+def gpu_target(path: str):
+  """One GPU described by an XLA GPU target config (a text proto, benchmarks/gpu_targets/), as a
+  compile-only device: jax's CUDA plugin compiles for it on a machine without a GPU."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  return topologies.get_topology_desc("bench", "cuda", target_config=text,
+                                      topology="1x1x1").devices[0]
+
+
+def _lower_for(device, stage: str, config, built, batch):
+  """`built.step` lowered for `device` (a compile-only GPU): the same function, shardings and
+  donation on a one-device mesh of it, the arguments as shapes."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from eercl_jax import parallel, train_adapt
+  mesh = parallel.create_mesh([device])
+  rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  if stage == "source":
+    state = jax.tree_util.tree_map(lambda _: rep, built.state)
+  else:
+    state = train_adapt.state_shardings(built.state, mesh, config.adapt.shard_banks)
+  spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  step_fn = jax.jit(built.step.__wrapped__, in_shardings=(state, data),
+                    out_shardings=(state, rep), donate_argnums=0)
+  return step_fn.lower(jax.tree_util.tree_map(spec, built.state, state),
+                       jax.tree_util.tree_map(lambda x: spec(x, data), batch))
+
+
 def step(stage: str, config, settings, dev: dict) -> Figures:
-  """Figures of `config`'s jitted step (stage 'source' or 'adapt') on every device."""
+  """Figures of `config`'s jitted step (stage 'source' or 'adapt') on every device, or with
+  `settings.compile_for` the compiled step's figures for the GPU that file describes."""
   # pylint: disable=import-outside-toplevel
   import jax
   from eercl_jax import parallel, train_adapt, train_source
   from eercl_jax.models import eercl
-  mesh = parallel.create_mesh()
+  target = None
+  if settings.compile_for:
+    if stage == "adapt" and config.adapt.shard_banks:
+      yield skipped(f"step/{stage}", "compile_for: one described GPU, no banks to shard over")
+      return
+    target = gpu_target(settings.compile_for)
+    dev = dict(dev, platform="cuda (compile only)", device=target.device_kind, devices=1,
+               gpu_target=os.path.basename(settings.compile_for))
+  # With compile_for the stage is built on one local device and lowered for the target.
+  mesh = parallel.create_mesh(jax.devices()[:1] if target else None)
   b, crop = config.batch_size, config.data.crop
   rng = np.random.default_rng(0)
   image = lambda: rng.integers(0, 256, (b, crop, crop, 3), np.uint8)
@@ -126,9 +175,36 @@ def step(stage: str, config, settings, dev: dict) -> Figures:
   batch = parallel.shard_batch(batch, mesh)
   state = built.state
   t0 = time.perf_counter()
-  compiled = built.step.lower(state, batch).compile()
+  lowered = (built.step.lower(state, batch) if target is None
+             else _lower_for(target, stage, config, built, batch))
+  # Without a GPU, XLA cannot autotune, and its untuned Triton GEMM tiling fails on some dots
+  # ("Couldn't find output tile sizes"): the deviceless compile uses cuBLAS GEMMs, untuned.
+  compiled = lowered.compile(None if target is None else DEVICELESS_OPTIONS)
   compile_s = time.perf_counter() - t0
   cost = compiled_cost(compiled)
+  n = dev["devices"]
+  info = dict(section="step", stage=stage, backbone=config.model.backbone,
+              size=built.model.size, crop=crop, dtype=config.model.dtype,
+              remat=bool(config.model.remat), batch=b, **dev)
+  if stage == "adapt":
+    info.update(bank_rows=settings.bank_rows, views_per_image=3)
+  name = f"step/{stage}"
+  yield figure(f"{name}/compile_s", compile_s, "s", **info)
+  if cost["memory_bytes"] > 0:
+    parts = {f"{p}_gib": cost[f"{p}_bytes"] / 2**30 for p in ("argument", "output", "alias",
+                                                              "temp")}
+    yield figure(f"{name}/device_memory_gib", cost["memory_bytes"] / 2**30, "GiB", **parts,
+                 per="device", **info)
+  else:
+    yield skipped(f"{name}/device_memory_gib", "XLA gave no memory analysis on this backend")
+  total = cost["flops"] * n   # the cost analysis of an SPMD program counts one device's share
+  if total > 0:
+    yield figure(f"{name}/gflop_per_step", total / 1e9, "GFLOP", **info)
+    yield figure(f"{name}/gflop_per_image", total / b / 1e9, "GFLOP", **info)
+  else:
+    yield skipped(f"{name}/flops", "XLA's cost analysis gave no FLOPs on this backend")
+  if settings.compile_only or target is not None:   # memory and FLOPs only, nothing run
+    return
   holder = {"state": state}
 
   def run_steps(count):
@@ -141,29 +217,12 @@ def step(stage: str, config, settings, dev: dict) -> Figures:
   times = [t / settings.steps for t in _timed(lambda: run_steps(settings.steps),
                                               settings.repeats)]
   dt = statistics.median(times)
-  n = dev["devices"]
-  info = dict(section="step", stage=stage, backbone=config.model.backbone,
-              size=built.model.size, crop=crop, dtype=config.model.dtype,
-              remat=bool(config.model.remat), batch=b, steps=settings.steps,
-              repeats=settings.repeats, **dev)
-  if stage == "adapt":
-    info.update(bank_rows=settings.bank_rows, views_per_image=3)
-  name = f"step/{stage}"
+  info.update(steps=settings.steps, repeats=settings.repeats)
   yield figure(f"{name}/images_per_s", b / dt, "images/s", per_device=b / dt / n, **info)
   yield figure(f"{name}/step_time_ms", dt * 1e3, "ms", min_ms=min(times) * 1e3,
                max_ms=max(times) * 1e3, spread=(max(times) - min(times)) / dt, **info)
-  yield figure(f"{name}/compile_s", compile_s, "s", **info)
-  if cost["memory_bytes"] > 0:
-    yield figure(f"{name}/device_memory_gib", cost["memory_bytes"] / 2**30, "GiB",
-                 temp_gib=cost["temp_bytes"] / 2**30, per="device", **info)
-  else:
-    yield skipped(f"{name}/device_memory_gib", "XLA gave no memory analysis on this backend")
-  if cost["flops"] <= 0:
-    yield skipped(f"{name}/flops", "XLA's cost analysis gave no FLOPs on this backend")
+  if total <= 0:
     return
-  total = cost["flops"] * n   # the cost analysis of an SPMD program counts one device's share
-  yield figure(f"{name}/gflop_per_step", total / 1e9, "GFLOP", **info)
-  yield figure(f"{name}/gflop_per_image", total / b / 1e9, "GFLOP", **info)
   achieved = total / dt / 1e12
   yield figure(f"{name}/tflops", achieved, "TFLOP/s", per_device=achieved / n, **info)
   peak, source = peak_tflops(dev["device"], settings.peak_tflops)
@@ -180,7 +239,9 @@ def write_images(root: str, count: int, px: int, distinct: int = 16) -> str:
   """`count` JPEG files of `px` x `px` synthetic faces under `root/fer` and their list
   (labels cycle through the classes); `distinct` faces are drawn and their bytes reused, since
   decoding cost does not depend on which face a file holds. Returns the list path."""
-  from eercl_jax.data.datasets import synthetic  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from eercl_jax.data import lists
+  from eercl_jax.data.datasets import synthetic
   image_root = os.path.join(root, "fer")
   os.makedirs(os.path.join(image_root, "bench"), exist_ok=True)
   blobs = []
@@ -195,17 +256,17 @@ def write_images(root: str, count: int, px: int, distinct: int = 16) -> str:
     rel = f"bench/{i:06d}.jpg"
     with open(os.path.join(image_root, rel), "wb") as f:
       f.write(blobs[i % len(blobs)])
-    lines.append(f"{rel} {i % len(blobs) % len(synthetic.CLASSES)}\n")
+    lines.append((rel, i % len(blobs) % len(synthetic.CLASSES)))
   list_path = os.path.join(root, f"bench_{count}_{px}.txt")
-  with open(list_path, "w") as f:
-    f.writelines(lines)
+  lists.write_list(list_path, lines, synthetic.CLASSES)   # with its class-order file
   return list_path
 
 
 def read_bench_list(list_path: str, class_names):
   from eercl_jax.data import lists  # pylint: disable=import-outside-toplevel
   return lists.read_list(list_path, os.path.join(os.path.dirname(list_path), "fer"),
-                         class_names, check_images="none")
+                         class_names, check_images="none",
+                         names_from="config.data.class_names")
 
 
 def _image_px(list_path: str) -> int:
@@ -439,7 +500,9 @@ def smoke(source_config, adapt_config, steps: int, tmp: str, dev: dict) -> Figur
       c.source_checkpoint = os.path.join(root, "source")
       c.adapt.refresh_every = max(1, steps // 2)
     t0 = time.perf_counter()
-    out = trainer.train_and_evaluate(c, os.path.join(root, stage))
+    # The run's closing summary line goes to stderr: the bench's stdout is JSON lines only.
+    with contextlib.redirect_stdout(sys.stderr):
+      out = trainer.train_and_evaluate(c, os.path.join(root, stage))
     yield figure(f"smoke/{stage}/wall_s", time.perf_counter() - t0, "s", section="smoke",
                  steps=steps, size=c.model.size, crop=c.data.crop, dtype=c.model.dtype,
                  batch=c.batch_size, target_accuracy=out["final"].get("target"), **dev)

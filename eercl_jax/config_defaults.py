@@ -112,6 +112,18 @@ def _mode(c: ml_collections.ConfigDict) -> None:
   })
 
 
+# What an adaptation takes from its source checkpoint's config unless its own config (or the
+# command line) sets it: the architecture and the input size the source model was trained at
+# (train_adapt.take_from_source; a ViT's position embedding fixes the crop).
+FROM_SOURCE = {"model.size": str, "model.bottleneck_dim": int, "model.width": int,
+               "model.feat_dim": int, "data.resize": int, "data.crop": int}
+
+
+def unset_from_source(c: ml_collections.ConfigDict) -> list[str]:
+  """The FROM_SOURCE fields `c` leaves to the source checkpoint (None)."""
+  return [k for k in FROM_SOURCE if c[k.split(".")[0]][k.split(".")[1]] is None]
+
+
 def source_config(source: str = "raf", target: str = "expw") -> ml_collections.ConfigDict:
   """Stage 1: supervised training on the labelled source list."""
   c = ml_collections.ConfigDict()
@@ -157,6 +169,9 @@ def adapt_config(target: str, source: str = "raf") -> ml_collections.ConfigDict:
                              "source": fer_list("unlabeled_target", f"{source}_0")},
                  select_by="target")     # oracle selection (uses target labels), as the original
   c.model = _model("vit")
+  for key, kind in FROM_SOURCE.items():   # None: the source checkpoint's (see FROM_SOURCE)
+    group, field = key.split(".")
+    c[group][field] = ml_collections.FieldReference(None, field_type=kind)
   c.optim = _optim(lr=4e-4, weight_decay=5e-4, schedule="constant")
   c.batch_size = 64                      # images per step; each comes in three views
   c.per_device_batch_size = 0            # > 0: batch_size = this x number of devices
@@ -324,7 +339,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   _require(config.stage in ("source", "adapt"), "stage",
            f"{config.stage!r}: expected 'source' or 'adapt'")
   m = config.model
-  eercl.create_model(m)                # backbone, size, dtype
+  eercl.check_model_config(m)          # backbone, size, dtype
   _require(len(config.data.class_names) == m.num_classes, "data.class_names",
            f"has {len(config.data.class_names)} names but config.model.num_classes is "
            f"{m.num_classes}")

@@ -17,3 +17,4 @@ EXIT_PREEMPTED = 75
 CONFIG_FILE = "config.json"      # the resolved config, rewritten at each start
 RESULTS_FILE = "results.json"    # written when the run finishes (eercl_jax/records.py)
 LOCK_FILE = "run.lock"           # held by process 0 for the run's lifetime
+SWEEP_RUN_FILE = "sweep_run.json"   # the command a sweep gave the run (eercl_jax/grid.py)

@@ -115,8 +115,8 @@ class Evaluator:
 
   # ----------------------------------------------------------------------------- whole lists
 
-  def _batches(self, fer_list: lists.FerList, desc: str) -> Iterable[dict]:
-    batches = self.loader.eval(fer_list, "test", self.batch_size)
+  def _batches(self, fer_list: lists.FerList, desc: str, images=None) -> Iterable[dict]:
+    batches = self.loader.eval(fer_list, "test", self.batch_size, images=images)
     return logs.tty_progress(batches, -(-len(fer_list) // self.batch_size), desc)
 
   def evaluate(self, variables: dict, evals: dict[str, lists.FerList],
@@ -147,13 +147,14 @@ class Evaluator:
       logging.info("%s", format_metrics(name, out[name], self.class_names))
     return out
 
-  def outputs(self, variables: dict, fer_list: lists.FerList,
-              desc: str = "predict") -> dict[str, np.ndarray]:
+  def outputs(self, variables: dict, fer_list: lists.FerList, desc: str = "predict",
+              images=None) -> dict[str, np.ndarray]:
     """{'features' (N, D) L2-normalised, 'probabilities' (N, C)} of every image of the list
-    (test view), in list order, on every process."""
+    (test view), in list order, on every process. `images` (uint8 HxWx3 arrays by list index,
+    any sizes) replaces the list's files."""
     n = len(fer_list)
     feats = probs = None
-    for host in self._batches(fer_list, desc):
+    for host in self._batches(fer_list, desc, images):
       b = parallel.shard_batch(host, self.mesh)
       f, logits = self._forward(variables, b["image"])
       f, logits = gather_rows(f).astype(np.float32), gather_rows(logits).astype(np.float32)

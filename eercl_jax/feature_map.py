@@ -128,7 +128,8 @@ def feature_map(adapt_run: str, out_path: str, *, source_run: str | None = None,
   for i, name in enumerate(names):
     fl = lists.read_list(eval_lists[name], d.image_root, class_names, check_images="exists",
                          skip_bad_images=d.skip_bad_images,
-                         allow_outside_root=d.allow_outside_root)
+                         allow_outside_root=d.allow_outside_root,
+                         names_from="the run's config.data.class_names")
     chosen.append((name, subsample(fl, max_per_list, seed + i)))
 
   mesh = parallel.create_mesh()

@@ -452,7 +452,8 @@ class Run:
     scalars["train/lr"] = float(self._schedule(step - 1)) * self._backbone_mult
     self.writer.write_scalars(step, scalars)
     self._last_scalars = scalars
-    bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
+    # A ratio of counts is NaN when its denominator is 0 (the original logs NaN too): no alarm.
+    bad = sorted(k for k, v in scalars.items() if not np.isfinite(v) and k not in self.ratios)
     if bad:
       logging.warning("step %d: non-finite logged terms %s", step, bad)
     shown = " ".join(f"{label}={scalars[key]:{fmt}}" for key, label, fmt in self.log_keys

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eercl_jax import checkpoints, evaluation, methods, optim, parallel, records
+from eercl_jax import checkpoints, config_defaults, evaluation, methods, optim, parallel, records
 from eercl_jax.data import pipelines
 from eercl_jax.data import resident as resident_lib
 from eercl_jax.errors import CheckpointError
@@ -53,6 +53,32 @@ def load_source_variables(config, model, mesh) -> tuple[dict, int]:
                           f"values in {', '.join(bad[:5])}: refusing to adapt it")
   logging.info("loaded source model from %s (step %d)", directory, step)
   return variables, step
+
+
+def take_from_source(config) -> dict[str, Any]:
+  """Fills the fields the adaptation config leaves to its source (config_defaults.FROM_SOURCE:
+  the architecture and the input size, None) from the source checkpoint's recorded config;
+  returns {key: value} of what was taken. Fields the config sets are checked against the
+  checkpoint when it is restored (checkpoints.check_model_meta)."""
+  missing = config_defaults.unset_from_source(config)
+  if not missing:
+    return {}
+  directory = checkpoints.resolve_run_dir(config.source_checkpoint, "best",
+                                          what="config.source_checkpoint")
+  _, meta = checkpoints.read_meta(directory)
+  stored = meta.get("config", {})
+  taken = {}
+  for key in missing:
+    group, field = key.split(".")
+    value = stored.get(group, {}).get(field)
+    if value is None and key == "model.size":   # older checkpoints: the backbone's default
+      value = meta.get("arch", {}).get("size")
+    if value is None:
+      raise CheckpointError(f"config.{key} is left to the source checkpoint, but {directory} "
+                            f"does not record it: set --config.{key}")
+    config[group][field] = value
+    taken[key] = value
+  return taken
 
 
 def state_shardings(state: AdaptState, method, mesh) -> AdaptState:
@@ -145,11 +171,15 @@ def stream_seed(seed: int, stream: int) -> int:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Adapts the source model with `config.method`; resumes from the latest checkpoint in
   `workdir`."""
+  taken = take_from_source(config)     # before the config is checked and recorded
   method = methods.create(config)
   oracle = config.data.select_by == "target"
   run = Run(config, workdir, "adapt", log_keys=method.log_keys, ratios=method.ratios,
             selection_note="oracle selection: uses target labels" if oracle else "",
             label_free="target" in config.data.eval_lists)
+  if taken:
+    logging.info("taken from the source checkpoint %s: %s", config.source_checkpoint,
+                 ", ".join(f"{k}={v!r}" for k, v in taken.items()))
   target_list, evals = run.read_lists()
   variables, _ = load_source_variables(config, eercl.create_model(config.model), run.mesh)
   stage = build(config, run.mesh, variables, len(target_list))

@@ -75,3 +75,37 @@ def test_gpu_check_script_dry_run():
   assert sections == {"step", "refresh", "pipeline", "views", "knn", "smoke"}, sections
   assert {"step/source/device_memory_gib", "step/adapt/device_memory_gib", "smoke/source/wall_s",
           "smoke/adapt/wall_s"} <= names
+
+
+def _step_figures(settings_update, stage="source"):
+  from configs import bench  # pylint: disable=import-outside-toplevel
+  from eercl_jax import benchmarks  # pylint: disable=import-outside-toplevel
+  c = bench.get_config("cpu,runlocal")
+  c.bench.update(settings_update)
+  figures = list(benchmarks.step(stage, c[stage], c.bench, benchmarks.device_settings()))
+  return {d["name"]: d for d in figures}
+
+
+def test_compile_only_step_reports_memory_and_flops_without_running():
+  """--config.bench.compile_only=True: the compiled step's device memory (its parts add up) and
+  FLOPs, and no timing (nothing ran)."""
+  figures = _step_figures({"compile_only": True})
+  assert set(figures) == {"step/source/compile_s", "step/source/device_memory_gib",
+                          "step/source/gflop_per_step", "step/source/gflop_per_image"}
+  m = figures["step/source/device_memory_gib"]
+  assert m["value"] > 0 and math.isclose(
+      m["value"], m["argument_gib"] + m["output_gib"] + m["temp_gib"] - m["alias_gib"])
+  # The step donates its state: what it returns reuses the arguments' buffers.
+  assert m["alias_gib"] > 0
+
+
+def test_compile_for_a_described_gpu():
+  """--config.bench.compile_for=benchmarks/gpu_targets/h100_sxm.txtpb compiles the step for that
+  GPU without one (needs jax's CUDA plugin: requirements-gpu.txt), nothing run."""
+  pytest.importorskip("jax_plugins.xla_cuda12", reason="jax's CUDA plugin is not installed")
+  figures = _step_figures({"compile_for": os.path.join(REPO, "benchmarks", "gpu_targets",
+                                                       "h100_sxm.txtpb")})
+  m = figures["step/source/device_memory_gib"]
+  assert m["device"] == "NVIDIA H100 80GB HBM3" and m["platform"] == "cuda (compile only)"
+  assert m["value"] > 0 and not any(n.endswith(("images_per_s", "step_time_ms"))
+                                    for n in figures)

@@ -1,11 +1,15 @@
-"""read_list: parsing, every bad-input error (naming file and line), and the skip switch."""
+"""read_list: parsing, every bad-input error (naming file and line), the skip switch, and the
+class-order file checked by every reader of a run's lists."""
+import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from eercl_jax.data import lists
+from eercl_jax import checkpoints, config_defaults, feature_map
+from eercl_jax.data import lists, run_lists
 from eercl_jax.errors import DataError
 
 CLASSES = ("angry", "disgust", "fear")
@@ -189,4 +193,115 @@ def test_list_hygiene_bom_paths_labels_duplicates(tmp_path, root, monkeypatch):
   warned = []
   monkeypatch.setattr(lists.logging, "warning", lambda msg, *a: warned.append(msg % a))
   assert len(lists.read_list(path, root, CLASSES)) == 3
-  assert "1 duplicate entries" in warned[0] and "line 3 repeats line 1" in warned[0]
+  # (the other warning: the list has no class-order file)
+  duplicates = [w for w in warned if "duplicate" in w]
+  assert len(duplicates) == 1
+  assert "1 duplicate entries" in duplicates[0] and "line 3 repeats line 1" in duplicates[0]
+
+
+# ------------------------------------------------------------------------------ class order
+
+ENTRIES = [("d/angry/0.jpg", 0), ("d/fear/1.jpg", 2), ("d/disgust/2.jpg", 1)]
+
+
+def _warnings(monkeypatch):
+  warned = []
+  monkeypatch.setattr(lists.logging, "warning", lambda msg, *a: warned.append(msg % a))
+  return warned
+
+
+def test_class_order_file_is_written_and_checked_by_name(tmp_path, root):
+  path = str(tmp_path / "list.txt")
+  lists.write_list(path, ENTRIES, CLASSES)
+  assert open(path).read() == "d/angry/0.jpg 0\nd/fear/1.jpg 2\nd/disgust/2.jpg 1\n"  # unchanged
+  doc = json.load(open(lists.classes_path(path)))
+  assert lists.classes_path(path) == path + ".classes.json"
+  assert doc["class_names"] == list(CLASSES) and doc["count"] == 3 and len(doc["sha256"]) == 64
+  assert len(lists.read_list(path, root, CLASSES)) == 3
+  # The same names in another order: refused, naming both orders and where they come from.
+  with pytest.raises(DataError, match=re.escape(
+      f"{path}: labels index (angry, disgust, fear) (its class-order file {path}.classes.json) "
+      "but config.data.class_names is (fear, angry, disgust): the same names in another order")):
+    lists.read_list(path, root, ("fear", "angry", "disgust"), names_from="config.data.class_names")
+  # Other names (and more of them: named as such, not as a label out of range).
+  with pytest.raises(DataError, match=r"labels index \(angry, disgust, fear\) .* but class_names "
+                                      r"is \(angry, disgust, sad, happy\) \(only the list has "
+                                      r"\(fear\); only class_names has \(sad, happy\)\)"):
+    lists.read_list(path, root, ("angry", "disgust", "sad", "happy"))
+  lists.write_classes(path, CLASSES + ("happy",))
+  with pytest.raises(DataError, match=r"labels index \(angry, disgust, fear, happy\)"):
+    lists.read_list(path, root, CLASSES)
+  # A hand-written file holding only the names is enough; a malformed one is named.
+  (tmp_path / "list.txt.classes.json").write_text('{"class_names": ["angry", "disgust", "fear"]}')
+  assert len(lists.read_list(path, root, CLASSES)) == 3
+  (tmp_path / "list.txt.classes.json").write_text('{"classes": ["angry"]}')
+  with pytest.raises(DataError, match=r"list.txt.classes.json: a class-order file holds"):
+    lists.read_list(path, root, CLASSES)
+  (tmp_path / "list.txt.classes.json").write_text('["angry"')
+  with pytest.raises(DataError, match=r"list.txt.classes.json: unreadable class-order file"):
+    lists.read_list(path, root, CLASSES)
+
+
+def test_a_list_without_class_order_file_reads_with_one_warning(tmp_path, root, monkeypatch):
+  path = _list(tmp_path, "d/angry/0.jpg 0\nd/fear/1.jpg 2\n", name="bare.txt")
+  warned = _warnings(monkeypatch)
+  for _ in range(2):
+    assert len(lists.read_list(path, root, CLASSES, names_from="config.data.class_names")) == 2
+  assert warned == [f"{path} has no class-order file (bare.txt.classes.json); its labels are "
+                    "taken to index config.data.class_names (angry, disgust, fear) (make_lists "
+                    "writes one beside each list; docs/data.md#class-order-files)"]
+
+
+def test_an_edited_list_keeps_its_class_order_with_a_warning(tmp_path, root, monkeypatch):
+  path = str(tmp_path / "edited.txt")
+  lists.write_list(path, ENTRIES, CLASSES)
+  warned = _warnings(monkeypatch)
+  with open(path, "a") as f:
+    f.write("\r\n")     # line endings and blank lines are not edits
+  assert len(lists.read_list(path, root, CLASSES)) == 3 and not warned
+  with open(path, "w") as f:
+    f.write("d/angry/0.jpg 0\n")
+  assert len(lists.read_list(path, root, CLASSES)) == 1
+  assert len(warned) == 1 and "changed since its class-order file" in warned[0] and \
+      "(3 entries then, 1 now)" in warned[0]
+  with pytest.raises(DataError, match="the same names in another order"):
+    lists.read_list(path, root, ("fear", "angry", "disgust"))
+
+
+def _run_data(root, train, evals):
+  d = config_defaults.source_config().data
+  d.image_root, d.class_names = root, ("fear", "angry", "disgust")
+  d.train_list, d.eval_lists = train, evals
+  return d
+
+
+def test_run_lists_refuse_a_list_of_another_class_order(tmp_path, root):
+  good, other = str(tmp_path / "good.txt"), str(tmp_path / "other.txt")
+  lists.write_list(good, [(p, ("fear", "angry", "disgust").index(CLASSES[l])) for p, l in ENTRIES],
+                   ("fear", "angry", "disgust"))
+  lists.write_list(other, ENTRIES, CLASSES)
+  train, evals = run_lists.read_run_lists(_run_data(root, good, {"target": good}))
+  np.testing.assert_array_equal(train.labels, [1, 0, 2])
+  match = re.escape(f"{other}: labels index (angry, disgust, fear)") + \
+      r".* but config\.data\.class_names is \(fear, angry, disgust\)"
+  with pytest.raises(DataError, match=match):
+    run_lists.read_run_lists(_run_data(root, other, {"target": good}))
+  with pytest.raises(DataError, match=match):
+    run_lists.read_run_lists(_run_data(root, good, {"target": good, "source": other}))
+
+
+def test_feature_map_refuses_an_evaluation_list_of_another_class_order(tmp_path, root,
+                                                                        monkeypatch):
+  other = str(tmp_path / "other.txt")
+  lists.write_list(other, ENTRIES, CLASSES)
+  c = config_defaults.adapt_config("expw")
+  c.data.image_root, c.data.class_names = root, ("fear", "angry", "disgust")
+  c.data.eval_lists = {"target": other}
+  meta = {"stage": "adapt", "config": c.to_dict(), "class_names": list(c.data.class_names)}
+  monkeypatch.setattr(checkpoints, "resolve_run_dir", lambda path, *a, **k: path)
+  monkeypatch.setattr(checkpoints, "read_meta", lambda path: (1, meta))
+  monkeypatch.setattr(checkpoints, "check_model_meta", lambda *a: None)
+  match = re.escape(f"{other}: labels index (angry, disgust, fear)") + \
+      r".* but the run's config\.data\.class_names is \(fear, angry, disgust\)"
+  with pytest.raises(DataError, match=match):
+    feature_map.feature_map("adapt_run", str(tmp_path / "map.png"), source_run="source_run")

@@ -3,6 +3,7 @@ with Pillow, go through the CLI entry; the lists must read back through `lists.r
 each data set's native labels mapped to the class names, and every bad input must name its file
 and line."""
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -12,7 +13,7 @@ from PIL import Image
 import pytest
 
 from eercl_jax import config_defaults
-from eercl_jax.data import lists
+from eercl_jax.data import lists, run_lists
 from eercl_jax.tools import make_lists
 from eercl_jax.errors import DataError
 from tests.conftest import REPO
@@ -60,8 +61,9 @@ RAF_LINES = ["train_00001.jpg 1", "train_00002.jpg 6", "train_00003.jpg 7", "tes
              "test_0002.jpg 2"]
 
 
-def fake_raf(root, lines=RAF_LINES, skip_image=None):
-  d = root / "raf"
+def fake_raf(root, lines=RAF_LINES, skip_image=None, inside=""):
+  """RAF-DB basic under root/raf (`inside='basic'`: as the archive unpacks, in basic/)."""
+  d = root / "raf" / inside if inside else root / "raf"
   _write(str(d / "EmoLabel" / "list_patition_label.txt"), "\n".join(lines) + "\n")
   for line in lines:
     name = line.split()[0]
@@ -172,6 +174,61 @@ def test_raf_in_its_native_order_and_original_images(tmp_path):
   assert train == {"raf/Image/original/train_00001.jpg": 0,     # native label - 1
                    "raf/Image/original/train_00002.jpg": 5,
                    "raf/Image/original/train_00003.jpg": 6}
+
+
+def test_every_list_carries_its_class_order(tmp_path):
+  """Each list written has its class-order file; a run with another class order refuses the
+  lists by name (the list built in RAF-DB's order scored 19% under the default order)."""
+  d = fake_raf(tmp_path / "fer")
+  root, out = _run(tmp_path, "raf", "--src", str(d), "--class_names", ",".join(RAF_ORDER))
+  written = sorted(p.name for p in out.glob("*.txt"))
+  assert written == ["labeled_source_images_raf.txt", "test_images_raf.txt",
+                     "train_images_raf.txt", "unlabeled_target_images_raf_0.txt"]
+  for name in written:
+    assert lists.read_classes(str(out / name))["class_names"] == RAF_ORDER, name
+  assert sorted(p.name for p in out.glob("*.classes.json")) == \
+      [f"{n}.classes.json" for n in written]
+  assert "`<list>.classes.json`" in (out / "counts_raf.md").read_text()
+  data = config_defaults.source_config("raf", "raf").data
+  data.image_root = str(root)
+  data.train_list = str(out / "labeled_source_images_raf.txt")
+  data.eval_lists = {"target": str(out / "unlabeled_target_images_raf_0.txt")}
+  with pytest.raises(DataError, match=r"labeled_source_images_raf.txt: labels index \(surprise, "
+                                      r"fear, .* but config\.data\.class_names is \(angry, "
+                                      r"disgust, .*: the same names in another order"):
+    run_lists.read_run_lists(data)
+  data.class_names = RAF_ORDER
+  train, _ = run_lists.read_run_lists(data)
+  assert len(train) == 3
+
+
+def test_raf_as_the_archive_unpacks_in_basic(tmp_path):
+  d = fake_raf(tmp_path / "fer", inside="basic")
+  for src in (d.parent, d):     # the folder holding basic/, and basic/ itself
+    root, out = _run(tmp_path, "raf", "--src", str(src))
+    assert _read(out, root, "labeled_source_images_raf.txt") == {
+        "raf/basic/Image/aligned/train_00001_aligned.jpg": CLASSES.index("surprise"),
+        "raf/basic/Image/aligned/train_00002_aligned.jpg": CLASSES.index("angry"),
+        "raf/basic/Image/aligned/train_00003_aligned.jpg": CLASSES.index("neutral")}
+
+
+def test_raf_wrong_src_says_where_to_point_it(tmp_path, monkeypatch, capsys):
+  fake_raf(tmp_path / "fer", inside="basic")
+  wrong = tmp_path / "fer" / "raf" / "basic" / "Image"
+  _error(tmp_path, ["raf", "--src", str(wrong)], re.escape(
+      f"RAF-DB label file not found: looked for {wrong}/EmoLabel/list_patition_label.txt and "
+      f"{wrong}/basic/EmoLabel/list_patition_label.txt; point --src at the folder that holds "
+      "the archive's basic/ (or at basic/ itself)"))
+  monkeypatch.setattr(sys, "argv", ["make_lists", "raf", "--src", str(tmp_path / "nowhere"),
+                                    "--image_root", str(tmp_path / "fer"), "--lists_dir",
+                                    str(tmp_path / "t")])
+  with pytest.raises(SystemExit) as exit_:
+    make_lists.run()
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and err.startswith("error: RAF-DB label file not found: looked for "
+                                            f"{tmp_path / 'nowhere'}/EmoLabel/")
+  assert f"({tmp_path / 'nowhere'} does not exist); point --src at" in err
 
 
 def test_fer2013_rows_written_losslessly_per_usage(tmp_path):
@@ -302,7 +359,7 @@ def test_sfew_and_folder_trees_with_aliases(tmp_path):
 def test_default_names_are_what_the_configs_read(tmp_path, monkeypatch):
   """Run from a project folder with the defaults: the lists land where the configs look."""
   monkeypatch.chdir(tmp_path)
-  fake_raf(tmp_path / "data" / "fer")
+  fake_raf(tmp_path / "data" / "fer", inside="basic")    # the archive unpacked at data/fer/raf
   fake_jaffe(tmp_path / "data" / "fer")
   assert make_lists.main(["raf"]) == 0
   assert make_lists.main(["jaffe", "--config", os.path.join(REPO, "configs", "adapt_jaffe.py")]) \

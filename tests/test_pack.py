@@ -3,6 +3,7 @@ resume, process shares, grain workers), the start-up checks, the pack CLI with -
 resident refresh and its on-device view."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from eercl_jax import config_defaults, parallel
 from eercl_jax.data import images, lists, packed, pipelines as P, resident, run_lists
 from eercl_jax.data import transforms as T
 from eercl_jax.errors import DataError
+from eercl_jax.tools import pack as pack_command
 from tests.conftest import REPO
 
 N, G = 13, 4
@@ -143,6 +145,37 @@ def test_mismatches_are_named(root):
     packed.check(folder, str(root / "nowhere"), RESIZE)
   with pytest.raises(FileExistsError, match="overwrite"):
     packed.pack_list(str(root / "list.txt"), str(root), packed_dir, CLASSES)
+
+
+def test_pack_checks_and_follows_the_class_order_file(root, capsys):
+  """A list of another class order is refused by name (library and command); the command
+  without --class_names packs in the list's own order, recorded in the set."""
+  ordered = root / "ordered.txt"
+  ordered.write_text((root / "list.txt").read_text())
+  lists.write_classes(str(ordered), ("b", "a", "c"))
+  with pytest.raises(DataError, match=re.escape(
+      f"{ordered}: labels index (b, a, c) (its class-order file {ordered}.classes.json) but "
+      "class_names is (a, b, c): the same names in another order")):
+    packed.pack_list(str(ordered), str(root), str(root / "packed_o" / "x"), CLASSES)
+  assert not (root / "packed_o").exists()
+  argv = [f"--list={ordered}", f"--image_root={root}", f"--out={root / 'packed_o' / 'ordered'}"]
+  assert pack_command.main(argv + ["--class_names=a,b,c"]) == 2
+  err = capsys.readouterr().err
+  assert "labels index (b, a, c)" in err and "but --class_names is (a, b, c)" in err
+  assert pack_command.main(argv) == 0
+  meta = json.loads((root / "packed_o" / "ordered" / packed.META_FILE).read_text())
+  assert meta["class_names"] == ["b", "a", "c"]
+  assert packed.class_names_of(str(root / "packed_o" / "ordered")) == ("b", "a", "c")
+  # A run whose config has the list's order reads the set; another order is refused at the
+  # list, by name, before the packed set is looked at.
+  d = config_defaults.source_config().data
+  d.image_root, d.class_names, d.resize, d.crop = str(root), ("b", "a", "c"), RESIZE, CROP
+  d.format, d.packed_root = "packed", str(root / "packed_o")
+  assert run_lists.read_list(str(ordered), d).packed_dir == str(root / "packed_o" / "ordered")
+  d.class_names = CLASSES
+  with pytest.raises(DataError, match=r"labels index \(b, a, c\) .* but config\.data\."
+                                      r"class_names is \(a, b, c\)"):
+    run_lists.read_list(str(ordered), d)
 
 
 def test_run_lists_read_packed_sets_and_name_the_missing_one(root):

@@ -93,7 +93,7 @@ def _logged_steps(workdir, tag="train/loss"):
 def test_sigkill_between_a_best_save_and_the_next_checkpoint(data_dir, tmp_path, uninterrupted):
   workdir = tmp_path / "killed"
   proc = _start(workdir, data_dir)
-  _wait_for(workdir / "logs" / "train.log", "step 2: source accuracy", proc)
+  _wait_for(workdir / "logs" / "train.log", "step 2 selection:", proc)
   proc.kill()
   proc.wait()
   assert os.listdir(workdir / "best") and not os.listdir(workdir / "checkpoints")

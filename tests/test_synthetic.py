@@ -45,6 +45,22 @@ def test_lists_parse_decode_and_are_balanced(generated, split, per_class, domain
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
 
 
+def test_every_list_has_its_class_order_file(generated, tmp_path):
+  _, paths = generated
+  for key in ("source_train", "source_test", "target"):
+    assert lists.read_classes(paths[key])["class_names"] == synthetic.CLASSES
+  # A set generated before lists carried their class order gets the files, not a regeneration.
+  root = str(tmp_path / "old")
+  old = synthetic.ensure_generated(root, **SMALL)
+  for key in ("source_train", "target"):
+    os.remove(lists.classes_path(old[key]))
+  stamp = os.path.getmtime(old["source_train"])
+  assert synthetic.ensure_generated(root, **SMALL) == old
+  assert os.path.getmtime(old["source_train"]) == stamp
+  for key in ("source_train", "source_test", "target"):
+    assert lists.read_classes(old[key])["class_names"] == synthetic.CLASSES
+
+
 def test_domains_differ_as_intended(generated):
   _, paths = generated
   studio = np.asarray(Image.open(os.path.join(paths["image_root"], "synth_studio", "happy",

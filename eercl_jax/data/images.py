@@ -37,20 +37,57 @@ def load_image(path: str) -> np.ndarray:
   greyscale is scaled to 8 bits (v / 257, rounded), float images are refused."""
   try:
     with Image.open(path) as im:
-      # OpenCV's imread (the original's loader) honours the EXIF orientation; Pillow does not.
-      im = ImageOps.exif_transpose(im)
-      if im.mode in _WIDE_INT_MODES:
-        wide = np.asarray(im).astype(np.float64)
-        if wide.min() < 0 or wide.max() > 65535:
-          raise ValueError(f"{im.mode} image with values outside 0..65535")
-        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-      if im.mode == "F":
-        raise ValueError("floating-point image: its value range is unknown, convert it to 8 or "
-                         "16 bits")
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
+      return pil_to_rgb(im)
   except Exception as e:
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+  """A Pillow image as uint8 (H, W, 3) RGB, the conversion of `load_image` (ValueError for a
+  floating-point or out-of-range 16-bit image)."""
+  # OpenCV's imread (the original's loader) honours the EXIF orientation; Pillow does not.
+  im = ImageOps.exif_transpose(im)
+  if im.mode in _WIDE_INT_MODES:
+    wide = np.asarray(im).astype(np.float64)
+    if wide.min() < 0 or wide.max() > 65535:
+      raise ValueError(f"{im.mode} image with values outside 0..65535")
+    grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if im.mode == "F":
+    raise ValueError("floating-point image: its value range is unknown, convert it to 8 or "
+                     "16 bits")
+  return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def as_rgb(item, name: str) -> np.ndarray:
+  """One image given in memory or by file as uint8 (H, W, 3) RGB: a Pillow image (converted as
+  `load_image` converts a file), a uint8 array (H, W) or (H, W, 1) (greyscale: repeated),
+  (H, W, 3) (RGB) or (H, W, 4) (RGBA: alpha dropped, as Pillow's convert), or a file path.
+  Anything else is a DataError naming the image (`name`)."""
+  if isinstance(item, (str, os.PathLike)):
+    return load_image(os.fspath(item))
+  if isinstance(item, Image.Image):
+    try:
+      return pil_to_rgb(item)
+    except (ValueError, OSError) as e:
+      raise DataError(f"{name}: cannot convert the image to RGB ({e})") from e
+  if not isinstance(item, np.ndarray) and not hasattr(item, "__array__"):
+    raise DataError(f"{name}: expected a PIL image, a uint8 array or a file path, got "
+                    f"{type(item).__name__}")
+  arr = np.asarray(item)
+  if arr.dtype != np.uint8:
+    raise DataError(f"{name}: expected uint8 pixels (0..255), got a {arr.dtype} array; "
+                    "convert it (e.g. np.clip(x, 0, 255).astype(np.uint8))")
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  if arr.ndim == 2:
+    arr = np.repeat(arr[..., None], 3, axis=-1)
+  elif arr.ndim == 3 and arr.shape[-1] == 4:
+    arr = arr[..., :3]
+  if arr.ndim != 3 or arr.shape[-1] != 3 or 0 in arr.shape:
+    raise DataError(f"{name}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got "
+                    f"shape {np.shape(item)}")
+  return np.ascontiguousarray(arr)
 
 
 def image_problem(path: str, check: str) -> str | None:

@@ -132,10 +132,14 @@ def _builder_class():
 
 def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequence[str],
               resize: int | None = None, *, allow_outside_root: bool = False,
-              overwrite: bool = False, num_threads: int | None = None) -> str:
+              overwrite: bool = False, num_threads: int | None = None,
+              names_from: str = "class_names") -> str:
   """Packs `list_path` (paths relative to `image_root`) into `out_dir`; returns its absolute
   path, the directory `packed.check`/`packed.open_source` take. A run with
-  `config.data.format='packed'` expects the set of list X at `<packed_root>/<stem of X>`."""
+  `config.data.format='packed'` expects the set of list X at `<packed_root>/<stem of X>`.
+  `class_names` must be the order of the list's class-order file when it has one (a
+  DataError naming both otherwise; `names_from` says where they came from); they are recorded
+  in the set's metadata, which the runs check against `config.data.class_names`."""
   out_dir = os.path.abspath(out_dir)
   if resize is not None and int(resize) <= 0:
     raise ValueError(f"resize must be positive or None, got {resize}")
@@ -146,7 +150,7 @@ def pack_list(list_path: str, image_root: str, out_dir: str, class_names: Sequen
                             "--overwrite to replace it)")
   # Every image is decoded below anyway: 'exists' here, decode failures name the line there.
   fer_list = lists.read_list(list_path, image_root, tuple(class_names), check_images="exists",
-                             allow_outside_root=allow_outside_root)
+                             allow_outside_root=allow_outside_root, names_from=names_from)
   tmp = f"{out_dir}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -29,8 +29,10 @@ def prepare(data_config) -> None:
     multihost_utils.sync_global_devices("synthetic data generated")
 
 
-def read_list(path: str, data_config) -> lists.FerList:
-  """One list of the run with the run's checks; attached to its packed set when
+def read_list(path: str, data_config,
+              names_from: str = "config.data.class_names") -> lists.FerList:
+  """One list of the run with the run's checks (its class-order file against
+  `data.class_names`, named `names_from` in the messages); attached to its packed set when
   `data.format='packed'` (the packed set holds the pixels, checked against the list, so the
   image files are not looked at)."""
   d = data_config
@@ -38,7 +40,7 @@ def read_list(path: str, data_config) -> lists.FerList:
   fl = lists.read_list(path, d.image_root, tuple(d.class_names),
                        check_images="none" if packed_format else d.check_images,
                        skip_bad_images=d.skip_bad_images,
-                       allow_outside_root=d.allow_outside_root)
+                       allow_outside_root=d.allow_outside_root, names_from=names_from)
   if packed_format:
     fl = packed.attach(fl, d.packed_root, d.resize)
   return fl

@@ -8,7 +8,8 @@ batch norm (shuffle-BN for the teacher), the AaD term on the global batch scaled
 class contrast and the instance NCE. Every `adapt.refresh_every` steps the online feature and
 score banks are refreshed by a full pass over the target list and re-clustered into class
 prototypes (at the first refresh the teacher fills the AaD banks). A loss term whose weight is 0
-is neither computed nor logged (the ablations of docs/method.md#ablations).
+is neither computed nor logged (the ablations of
+docs/method.md#ablations-switching-eercls-terms-off).
 """
 from __future__ import annotations
 

@@ -113,20 +113,28 @@ def class_directions(params) -> jax.Array:
   return params["classifier"]["v"]
 
 
-def create_model(model_config) -> EERCLModel:
-  """EERCLModel from a `config.model` ConfigDict (see config_defaults); the one check of the
-  model fields (`config_defaults.validate` calls it): an unknown backbone, size or dtype is a
-  ConfigError naming the key."""
+def check_model_config(model_config) -> None:
+  """The one check of the model fields: an unknown backbone, size or dtype is a ConfigError
+  naming the key (a size left None is the backbone's default - or, in an adaptation config,
+  the source checkpoint's: config_defaults.FROM_SOURCE)."""
   if model_config.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype: {model_config.dtype!r}: expected one of "
                       f"{sorted(DTYPES)}")
   try:
     entry = registry.get(model_config.backbone)
-    size = registry.size_of(model_config)
-    entry.parse_size(size)
   except ValueError as e:
-    key = "backbone" if "backbone" in str(e) else "size"
-    raise ConfigError(str(e) if key == "backbone" else f"config.model.size: {e}") from None
+    raise ConfigError(str(e)) from None
+  try:
+    entry.parse_size(registry.size_of(model_config))
+  except ValueError as e:
+    raise ConfigError(f"config.model.size: {e}") from None
+
+
+def create_model(model_config) -> EERCLModel:
+  """EERCLModel from a `config.model` ConfigDict (see config_defaults), checked by
+  `check_model_config`."""
+  check_model_config(model_config)
+  size = registry.size_of(model_config)
   return EERCLModel(
       backbone=model_config.backbone,
       size=size,

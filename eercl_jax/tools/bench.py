@@ -7,6 +7,11 @@ sections: eercl_jax/benchmarks.py; the settings: configs/bench.py).
   python -m eercl_jax.bench --config=configs/bench.py:configs/adapt_expw.py \
       --config.adapt.batch_size=128                           # a training config's stage
   bash benchmarks/gpu_check.sh                                # one GPU, within 8 minutes
+  python -m eercl_jax.bench --config=configs/bench.py:configs/source.py \
+      --config.bench.sections=step --config.bench.compile_only=True  # memory + FLOPs, no run
+  python -m eercl_jax.bench --config=configs/bench.py:configs/source.py \
+      --config.bench.sections=step \
+      --config.bench.compile_for=benchmarks/gpu_targets/h100_sxm.txtpb  # for a GPU, without one
 
 Prints one JSON line per figure on stdout ({"name", "value", "unit", ...settings}; a figure
 that cannot be measured here: {"name", "skipped": reason}). Log lines go to stderr.

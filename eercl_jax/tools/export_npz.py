@@ -1,4 +1,5 @@
-"""Exports the backbone of a run's checkpoint to an .npz file (the library: eercl_jax/export.py).
+"""Exports the backbone of a run's checkpoint to an .npz file (the library: eercl_jax/export.py;
+the whole model, head, classes and input included, is `python -m eercl_jax.tools.export`).
 
   python -m eercl_jax.tools.export_npz runs/source_raf OUT.npz [--which=best|latest] [--step=N]
 

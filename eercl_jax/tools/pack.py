@@ -5,16 +5,19 @@
 
 A run with `--config.data.format=packed` finds list X's set at <config.data.packed_root>/<stem
 of X>. By default the pixels keep their original size (lossless); `--resize=R` stores each image
-square-resized to R x R with the views' own resize (docs/data.md#packed-lists).
+square-resized to R x R with the views' own resize (docs/data.md#packed-lists). The class names
+come from --class_names, else the list's class-order file (<list>.classes.json), else the
+configs' default; they are recorded in the set and checked by the runs.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from eercl_jax import config_defaults
-from eercl_jax.data import packed
+from eercl_jax.data import lists, packed
 from eercl_jax.tools import cli
 
 
@@ -30,15 +33,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="store each image square-resized to this size (config.data.resize); "
                            "default: original size, lossless")
   parser.add_argument("--class_names", default=None,
-                      help="comma-separated class names in label order (default: the configs')")
+                      help="comma-separated class names in label order (default: the list's "
+                           "class-order file <list>.classes.json, else the configs' default); "
+                           "must match the class-order file when the list has one")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
   parser.add_argument("--allow_outside_root", action="store_true",
                       help="allow list paths that are absolute or climb out of the image root")
   args = parser.parse_args(argv)
-  class_names = (tuple(args.class_names.split(",")) if args.class_names
-                 else config_defaults.FER_CLASSES)
+  recorded = lists.read_classes(args.list) if os.path.isfile(args.list) else None
+  if args.class_names:
+    class_names = tuple(n.strip() for n in args.class_names.split(",") if n.strip())
+    names_from = "--class_names"
+  elif recorded is not None:   # the list's own order: nothing to check, nothing to get wrong
+    class_names, names_from = recorded["class_names"], "its class-order file"
+  else:
+    class_names, names_from = config_defaults.FER_CLASSES, "the default class names"
   out = packed.pack_list(args.list, args.image_root, args.out, class_names, args.resize,
-                         allow_outside_root=args.allow_outside_root, overwrite=args.overwrite)
+                         allow_outside_root=args.allow_outside_root, overwrite=args.overwrite,
+                         names_from=names_from)
   print(out, flush=True)
   return 0
 

@@ -1,14 +1,17 @@
-"""Class and probabilities of images with a trained checkpoint (the library:
-`eercl_jax.inference.predict_images`).
+"""Class and probabilities of images with a trained model (the library:
+`eercl_jax.inference.load(path).predict(images)`, via `inference.predict_images`).
 
     python -m eercl_jax.predict --checkpoint=runs/raf2expw faces/ photo.jpg [--format=json|csv]
 
-`--checkpoint` is a run's workdir (its best/ checkpoint, or with `--which=latest` its latest),
-one of its checkpoint folders, or one step's folder. Folders are searched recursively for image
-files (by extension, sorted); a file named on the command line must be an image. Every image is
-decoded before the model runs, so an unreadable one is an error naming it. Images go through the
-run's own test view (resize, crop, normalisation from the config stored in the checkpoint) in
-batches sharded over all devices, as in evaluation.
+`--checkpoint` is a run's workdir (`--which`: by default best/ of a source run and the checkpoint
+selected by SND (no target label) of an adaptation; best, latest, oracle, im, snd),
+one of its checkpoint folders, one step's folder, or an exported model's folder
+(`python -m eercl_jax.tools.export`, which needs neither the run nor its config). Folders are
+searched recursively for image files (by extension, sorted); a file named on the command line
+must be an image. Every image is decoded before the model loads, so an unreadable one is an
+error naming it. Images go through the model's own test view (resize, crop, normalisation from
+the checkpoint's stored config or the exported model's manifest) in batches sharded over all
+devices, as in evaluation.
 
 Output (stdout, or `--output=FILE`): a table (default), JSON
 ({"checkpoint", "step", "class_names", "predictions": [{"path", "class", "index",
@@ -61,15 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m eercl_jax.predict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
-  parser.add_argument("--checkpoint", required=True, help="a run's workdir, checkpoint folder "
-                      "or step folder")
+  parser.add_argument("--checkpoint", required=True, help="a run's workdir, checkpoint folder, "
+                      "step folder or exported model")
   parser.add_argument("--which", choices=WHICH, default="auto",
                       help="checkpoint of a workdir: auto (default: best/ of a source run, the "
                            "label-free SND selection of an adaptation), best, latest, oracle "
                            "(best target accuracy: uses target labels), im, snd")
   parser.add_argument("--format", choices=FORMATS, default="table")
   parser.add_argument("--batch_size", type=int, default=0,
-                      help="global batch (default: the run's eval_batch_size)")
+                      help="global batch (default: the run's eval_batch_size, 64 for an "
+                      "exported model)")
   parser.add_argument("--num_workers", type=int, default=0, help="decoding worker processes")
   parser.add_argument("--output", default="", help="write here instead of stdout")
   args = parser.parse_args(argv)

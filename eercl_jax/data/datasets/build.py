@@ -10,7 +10,10 @@ folder:
 * `unlabeled_target_images_<domain>_0.txt`: the list the configs evaluate on and adapt to (its
   test split by default);
 * `<split>_images_<domain>.txt` for each of the data set's own splits;
-* `counts_<domain>.md`: images per class per split.
+* `counts_<domain>.md`: images per class per split;
+
+and beside each list its class-order file `<list>.classes.json` (`lists.write_list`), which the
+runs check against `config.data.class_names`.
 
 Images stay where they are, except FER2013's pixel rows and face crops, which are written under
 `<image_root>/<domain>/`. Every problem (unknown folder, unmapped label, duplicate, missing file,
@@ -159,14 +162,6 @@ def _write_images(items: list[common.Item], workers: int, say: Callable[[str], N
   return sum(it.written for it in items)
 
 
-def _write_list(path: str, entries: list[tuple[str, int]]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(f"{rel} {label}\n" for rel, label in entries)
-  os.replace(tmp, path)
-
-
 def counts_table(class_names: Sequence[str], splits: Sequence[str],
                  counts: dict[str, np.ndarray]) -> str:
   """Markdown table: one row per class (and a total), one column per split (and a total)."""
@@ -217,17 +212,18 @@ def build_lists(args, class_names: Sequence[str], image_root: str, lists_dir: st
   for split, entries in per_split.items():
     if entries:
       written[split] = list_path(lists_dir, split, domain)
-      _write_list(written[split], entries)
+      lists.write_list(written[split], entries, class_names)
   for role, path in role_lists(lists_dir, domain).items():
     entries = [e for s in roles[role] for e in per_split[s]]
     if not entries:
       raise DataError(f"{role} list of {domain}: no images in split(s) {list(roles[role])}")
-    _write_list(path, entries)
+    lists.write_list(path, entries, class_names)
     written[role] = path
 
   counts = {}
   for name, path in written.items():   # the lists must read back as the runs will read them
-    fl = lists.read_list(path, image_root, class_names, check_images=args.check_images)
+    fl = lists.read_list(path, image_root, class_names, check_images=args.check_images,
+                         names_from="--class_names")
     counts[name] = lists.count_per_class(fl)
   shown = [s for s in splits if s in written]
   table = counts_table(class_names, shown, {s: counts[s] for s in shown})
@@ -236,8 +232,9 @@ def build_lists(args, class_names: Sequence[str], image_root: str, lists_dir: st
   notes += [f"- `{os.path.basename(written[s])}`: {int(counts[s].sum())} images" for s in shown]
   notes += [f"- left out: {n} x {why}" for why, n in sorted(ctx.skipped.items())]
   report = (f"# {domain} ({args.dataset}): images per class per split\n\n"
-            f"Labels index class_names {list(class_names)}; paths are relative to "
-            f"{image_root}.\n\n{table}\n\n" + "\n".join(notes) + "\n")
+            f"Labels index class_names {list(class_names)} (recorded beside each list in "
+            f"`<list>{lists.CLASSES_SUFFIX}`); paths are relative to {image_root}.\n\n"
+            f"{table}\n\n" + "\n".join(notes) + "\n")
   counts_path = os.path.join(lists_dir, f"counts_{domain}.md")
   with open(counts_path, "w", encoding="utf-8") as f:
     f.write(report)

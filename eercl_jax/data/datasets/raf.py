@@ -1,7 +1,10 @@
 """RAF-DB basic: `EmoLabel/list_patition_label.txt` (sic), one `train_00001.jpg 5` per line,
 labels 1..7 = surprise, fear, disgust, happy, sad, angry, neutral; the split is the file name's
 prefix (`train_` / `test_`). Images: `Image/aligned/train_00001_aligned.jpg` (100x100 aligned
-faces, the default) or `Image/original/train_00001.jpg` (docs/datasets.md#raf-db-basic)."""
+faces, the default) or `Image/original/train_00001.jpg` (docs/datasets.md#raf-db-basic).
+
+The archive unpacks as `basic/` holding these: `--src` may name `basic/` itself or the folder
+that holds it (the default `data/fer/raf`, where the archive was unpacked)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +17,9 @@ SPLITS = ("train", "test")
 SOURCE_SPLITS = ("train",)
 TARGET_SPLITS = ("test",)
 LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad", 6: "angry", 7: "neutral"}
+ARCHIVE_DIR = "basic"   # the top folder of the RAF-DB basic archive
+_LABEL_FILES = (os.path.join("EmoLabel", "list_patition_label.txt"),   # (sic), as shipped
+                os.path.join("EmoLabel", "list_partition_label.txt"))
 
 
 def add_args(parser):
@@ -21,10 +27,34 @@ def add_args(parser):
                       help="Image/aligned/*_aligned.jpg (default) or Image/original/*.jpg")
 
 
+def _label_file(folder: str) -> str | None:
+  for name in _LABEL_FILES:
+    path = common.find(folder, os.path.dirname(name))
+    path = path and common.find(path, os.path.basename(name))
+    if path and os.path.isfile(path):
+      return path
+  return None
+
+
+def locate(src: str) -> tuple[str, str]:
+  """(the folder holding EmoLabel/ and Image/, its label file): `src` itself or its `basic/`;
+  otherwise a DataError saying where it looked and where to point --src."""
+  basic = common.find(src, ARCHIVE_DIR) or os.path.join(src, ARCHIVE_DIR)
+  for folder in (src, basic):
+    label_file = _label_file(folder)
+    if label_file is not None:
+      return folder, label_file
+  looked = os.path.join(src, _LABEL_FILES[0])
+  looked_basic = os.path.join(basic, _LABEL_FILES[0])
+  missing = "" if os.path.isdir(src) else f" ({src} does not exist)"
+  raise DataError(f"RAF-DB label file not found: looked for {looked} and {looked_basic}"
+                  f"{missing}; point --src at the folder that holds the archive's "
+                  f"{ARCHIVE_DIR}/ (or at {ARCHIVE_DIR}/ itself), the one with "
+                  f"EmoLabel/ and Image/")
+
+
 def read(src: str, args, ctx: common.Context) -> list[common.Item]:
-  label_file = common.require(src, os.path.join("EmoLabel", "list_patition_label.txt"),
-                              os.path.join("EmoLabel", "list_partition_label.txt"),
-                              what="RAF-DB label file")
+  src, label_file = locate(src)
   image_dir = common.require(src, os.path.join("Image", args.raf_images),
                              what="RAF-DB image folder")
   items = []

@@ -9,7 +9,8 @@ is not trivial. Two domains make a real shift:
   rescaled faces on a cluttered grey background.
 
 Layout (as `data/` of the original): images `<root>/fer/<domain>/<class>/<domain>_<split>_<i>.jpg`,
-lists `<root>/txt/fer/*.txt` with paths relative to `<root>/fer/`. The command:
+lists `<root>/txt/fer/*.txt` with paths relative to `<root>/fer/`, each with its class-order file
+`<list>.classes.json` (CLASSES). The command:
 `python -m eercl_jax.data.synthetic --root data --image_size 64`.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import shutil
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from eercl_jax.data import lists
 
 CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 SOURCE, TARGET = "synth_studio", "synth_wild"
@@ -202,7 +205,8 @@ def list_paths(root: str) -> dict:
 
 
 def _write_split(root, list_path, domain, split, per_class, image_size, seed, split_id):
-  """Renders `per_class` images of every class; list lines interleave the classes."""
+  """Renders `per_class` images of every class; list lines interleave the classes. The list's
+  class-order file (`lists.write_list`) records CLASSES."""
   lines = []
   for i in range(per_class):
     for label, name in enumerate(CLASSES):
@@ -211,9 +215,8 @@ def _write_split(root, list_path, domain, split, per_class, image_size, seed, sp
       path = os.path.join(root, "fer", rel)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       render(label, domain, image_size, rng).save(path, quality=90)
-      lines.append(f"{rel} {label}\n")
-  with open(list_path, "w") as f:
-    f.writelines(lines)
+      lines.append((rel, label))
+  lists.write_list(list_path, lines, CLASSES)   # and its class-order file
 
 
 def generate(root: str, *, image_size: int = DEFAULTS["image_size"],
@@ -254,6 +257,11 @@ def ensure_generated(root: str, **kw) -> dict:
   except (OSError, ValueError):
     found = None
   if found == wanted and all(os.path.exists(p) for p in paths.values()):
+    # A set generated before lists carried their class order: the same files, given their
+    # class-order files (the labels index CLASSES by construction).
+    for key, path in paths.items():
+      if key != "image_root" and lists.read_classes(path) is None:
+        lists.write_classes(path, CLASSES)
     return paths
   kw = {k: v for k, v in wanted.items() if k != "version"}
   return generate(root, overwrite=True, **kw)
