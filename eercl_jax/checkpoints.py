@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -99,6 +100,7 @@ def readable(directory, step: int) -> Iterator[None]:
   """Reading checkpoint `step` of `directory`: a failure of orbax or TensorStore (a truncated or
   corrupt file, a step folder half deleted, arrays of other shapes) becomes a `CheckpointError`
   naming the step's folder, in one line (TensorStore's own message runs over dozens)."""
+  _quiet_closed_loop_reads()
   try:
     yield
   except (CheckpointError, MemoryError):
@@ -114,6 +116,23 @@ def readable(directory, step: int) -> Iterator[None]:
         f"{type(cause).__name__}: {first}; a file of it is truncated or corrupt, or it holds "
         "another model: delete that step's folder to use an earlier step, or name another "
         "checkpoint") from e
+
+
+def _quiet_closed_loop_reads() -> None:
+  """When a read fails, orbax closes the event loop of its reads while TensorStore still
+  completes the others, and each completion's callback fails with "Event loop is closed": an
+  unraisable exception that Python prints as a traceback - while the error propagates or any
+  time until the process ends - around the one-line error. Those (only those) are dropped."""
+  if getattr(sys.unraisablehook, "_eercl_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook._eercl_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def read_meta(directory: str) -> tuple[int, dict]:

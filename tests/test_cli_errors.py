@@ -145,17 +145,26 @@ def test_a_corrupt_checkpoint_is_one_line_naming_its_step_and_a_failed_resume_ke
   kept()
 
 
-@pytest.mark.slow
-def test_feature_map_from_another_folder_says_only_what_was_given(tmp_path):
-  """An argparse command: run from any folder it parses its own arguments and nothing else (it
-  once reported a --config flag nobody passed)."""
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-m", "eercl_jax.tools.feature_map", "nowhere",
-                         "map.png"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == constants.EXIT_USAGE
-  assert proc.stderr.strip().splitlines() == ["error: ADAPT_RUN='nowhere' does not exist"]
-  assert not (tmp_path / "map.png").exists()
-  usage = subprocess.run([sys.executable, "-m", "eercl_jax.tools.feature_map", "--help"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-  assert usage.returncode == 0 and "ADAPT_RUN" in usage.stdout and "--config" not in usage.stdout
+def test_feature_map_from_another_folder_names_only_what_was_given(tmp_path, monkeypatch,
+                                                                   capsys):
+  """Run from another folder than the adaptation's, the source checkpoint its config recorded
+  (a relative path) is not found: the one line names that recorded setting and the run, not a
+  --source_run flag nobody passed (it once did)."""
+  from eercl_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from eercl_jax.tools import feature_map  # pylint: disable=import-outside-toplevel
+  adapt = tmp_path / "runs" / "adapt"
+  adapt.mkdir(parents=True)               # a checkpoint folder itself (no best/ inside)
+  config = {"source_checkpoint": "runs/source", "data": {"class_names": ["a", "b"]}}
+  monkeypatch.setattr(checkpoints, "read_meta", lambda path: (
+      1, {"stage": "adapt", "config": config, "class_names": ["a", "b"]}))
+  monkeypatch.chdir(tmp_path / "runs")    # not the folder the run was started from
+  assert feature_map.main([str(adapt), "map.png"]) == constants.EXIT_USAGE
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: the config.source_checkpoint recorded in {adapt}='runs/source' does "
+                 "not exist (a relative path resolves against the current folder, as in the run: "
+                 "run from the run's folder, or give --source_run)"], err
+  # Given on the command line, the flag is named.
+  assert feature_map.main([str(adapt), "map.png", "--source_run=elsewhere"]) == \
+      constants.EXIT_USAGE
+  assert capsys.readouterr().err.strip() == "error: --source_run='elsewhere' does not exist"
+  assert not (tmp_path / "runs" / "map.png").exists()
