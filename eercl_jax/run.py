@@ -29,7 +29,9 @@ lifetime; no state with a non-finite value is ever saved (the run stops with an 
 the step and the non-finite terms, and the last good checkpoint stays); SIGTERM / SIGINT finish
 the current step, write a checkpoint and exit with `constants.EXIT_PREEMPTED` (75), so a
 scheduler can requeue the same command, which resumes. A scheduler signals the whole process
-group: the data worker processes ignore both signals (data/pipelines.py) and end with the run.
+group: the data worker processes ignore both signals (data/pipelines.py) and end with the run;
+one still starting may die of it, and the failed read after a stop request ends the run the same
+way (`Run.next_batch`).
 """
 from __future__ import annotations
 
@@ -324,6 +326,7 @@ class Run:
     self._evals = None
     self._last_scalars: dict[str, float] = {}
     self._stop_signal = 0
+    self._last: tuple | None = None   # (step, state, iterator, record) of the last end_of_step
     self._finite_step = -1   # the last step whose state was found finite
     self._views_shown = False
     self._train_pixels: dict | None = None   # how the training images reach the views
@@ -412,9 +415,31 @@ class Run:
     """`next(iterator)`, timing how long the step loop waits for its input: the share of
     the wall time spent here is logged as `train/input_wait` (near 1: the host is the limit)."""
     t0 = time.perf_counter()
-    batch = next(iterator)
+    try:
+      batch = next(iterator)
+    except Exception:  # pylint: disable=broad-except
+      self._stop_if_workers_took_the_signal()
+      raise
     self._input_wait += time.perf_counter() - t0
     return batch
+
+  def _stop_if_workers_took_the_signal(self) -> None:
+    """Called when reading the next batch failed. After a stop request, that is a data worker
+    killed by the same group signal - one still starting, before it ignores the stop signals
+    (data/pipelines.py) - and part of the stop: the iterator's state is a batch count, so the
+    checkpoint of the last finished step needs no worker. One process only (the others could
+    not agree on the step); otherwise the error stands."""
+    if not self._stop_signal or jax.process_count() > 1:
+      return
+    logging.warning("reading the next batch failed after %s (a data worker that was starting "
+                    "took the signal too): stopping at the last finished step",
+                    signal.Signals(self._stop_signal).name)
+    if self._last is None:   # no step finished in this process: its start is the checkpoint
+      self._stop(self.start_step)
+    step, state, iterator, record = self._last
+    if self.ckpt.latest_step() != step:
+      self.save(step, state, iterator, record)
+    self._stop(step)
 
   def end_of_step(self, step: int, state: Any, metrics: dict, iterator: Any,
                   record: Any = None) -> None:
@@ -432,6 +457,9 @@ class Run:
     saved = itstime(step, c.checkpoint_every, c.num_steps)
     if saved:
       self.save(step, state, iterator, record)
+    # Kept for a stop found while reading the next batch (`next_batch`): references only, the
+    # step function has not taken (donated) this state yet when that happens.
+    self._last = (step, state, iterator, record)
     if self._stop_requested(logged):
       if not saved:
         self.save(step, state, iterator, record)

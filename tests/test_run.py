@@ -243,6 +243,40 @@ def test_resume_refuses_fields_that_change_shapes_or_the_stream(tmp_path, monkey
   assert int(state.step) == 4
 
 
+class DyingIterator(ToyIterator):
+  """A training iterator whose data workers were killed: reading fails, its position stays."""
+
+  def __next__(self):
+    raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+
+
+def test_a_worker_killed_by_the_stop_signal_is_part_of_the_stop(tmp_path, monkeypatch):
+  """A group SIGTERM that also kills a data worker still starting (before it ignores the
+  signal): reading the next batch fails, and the run checkpoints its last finished step and
+  exits 75 instead of failing; without a stop request the error stands."""
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "term")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  it = DyingIterator(0)
+  with pytest.raises(RuntimeError, match="Worker process"):
+    r.next_batch(it)                            # no stop requested: a real failure
+  state = state.replace(step=jnp.asarray(1, jnp.int32), params={"w": jnp.full(3, 1)})
+  it.position = 1
+  r.end_of_step(1, state, {"train/loss": jnp.asarray(1.0)}, it, record)   # not checkpointed
+  os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(run_lib.Preempted) as exc:
+    r.next_batch(it)
+  assert exc.value.code == constants.EXIT_PREEMPTED and exc.value.step == 1
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+  r2 = _run(workdir, [0.5] * 3, monkeypatch)
+  _, _, it_state = r2.resume(_toy_state(), ToyRecord())
+  assert r2.start_step == 1 and it_state["position"] == 1
+  r2.ckpt.close()
+  r2.lock.release()
+
+
 def _lock_holder(workdir):
   import json  # pylint: disable=import-outside-toplevel
   return json.loads((workdir / "run.lock").read_text())

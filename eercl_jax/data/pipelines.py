@@ -14,7 +14,6 @@ Batches are dicts of numpy arrays; images are uint8 NHWC (normalised on device b
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import multiprocessing
@@ -207,30 +206,12 @@ class EvalLocator:
 # whole process group. Decoding workers must not die of it: the main process finishes its step,
 # writes a checkpoint and exits 75 (run.py), and a worker killed under it would end the run with
 # "Worker process was terminated unexpectedly" instead. So workers ignore SIGINT and SIGTERM, and
-# end when the main process closes their iterator, or when it is gone.
+# end when the main process closes their iterator, or when it is gone. A worker still starting
+# (a fresh interpreter: the parent's blocked mask is not inherited) can die of the signal before
+# it ignores it; the run then stops at its last finished step all the same (run.Run.next_batch).
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _WORKER_PREFIX = "grain-process-prefetch"   # grain's name of its worker processes
 _exit_guard = []   # the main process's exit hook, registered once
-
-
-@contextlib.contextmanager
-def _stop_signals_blocked(active: bool) -> Iterator[None]:
-  """SIGINT and SIGTERM blocked in the calling thread while grain starts or reads its workers.
-
-  grain spawns each worker (a fresh interpreter) from threads that it creates inside these calls;
-  a thread inherits its creator's signal mask, and a spawned process its thread's mask, so a
-  worker starts with both signals blocked, closing the window before `_worker_init` ignores
-  them. The main process still gets a signal sent meanwhile: another of its threads takes it
-  (Python runs the handler in the main thread), or it waits, pending, until the mask is
-  restored."""
-  if not active:
-    yield
-    return
-  old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-  try:
-    yield
-  finally:
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _worker_init(index: int, count: int) -> None:
@@ -239,7 +220,6 @@ def _worker_init(index: int, count: int) -> None:
   del index, count
   for sig in _STOP_SIGNALS:
     signal.signal(sig, signal.SIG_IGN)
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)   # pending ones are discarded
   parent = multiprocessing.parent_process()
   if parent is not None:
     threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), daemon=True,
@@ -299,10 +279,9 @@ class _BatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     self._assert_not_closed()
-    with _stop_signals_blocked(self._num_workers > 0):
-      if self._inner is None:
-        self._inner = self._start()
-      batch = next(self._inner)
+    if self._inner is None:
+      self._inner = self._start()
+    batch = next(self._inner)
     self._next_batch += 1
     return batch
 
