@@ -54,7 +54,7 @@ def detect_format(sd: Mapping[str, Any], formats: Mapping[str, WeightFormat],
   if not found:
     sample = ", ".join(sorted(sd)[:8])
     raise WeightsError(f"{where}: unknown weight layout: no name ends with any of "
-                        f"{sorted(f.anchor for f in formats.values())} (first names: {sample})")
+                       f"{sorted(f.anchor for f in formats.values())} (first names: {sample})")
   found.sort()
   best = [f for f in found if f[0] == found[0][0]]
   if len({f[2] for f in best}) > 1:
@@ -109,7 +109,7 @@ def convert_arrays(sd: dict[str, np.ndarray], expected: dict[Path, tuple], rule:
   if missing or bad:
     lines = ([f"missing: {m}" for m in missing] + [f"mismatched: {b}" for b in bad])
     raise WeightsError(f"{where}: {len(missing)} missing and {len(bad)} mismatched arrays "
-                        "(wrong architecture/size, or a truncated file):\n  " + "\n  ".join(lines))
+                       "(wrong architecture/size, or a truncated file):\n  " + "\n  ".join(lines))
   return values, used, resized
 
 
@@ -135,11 +135,11 @@ def convert_backbone(sd: dict[str, np.ndarray], backbone: str, backbone_variable
     prefix = found_prefix if prefix is None else prefix
     if fmt not in formats:
       raise WeightsError(f"{where}: holds {fmt} weights (a {known[fmt][0]!r} backbone), which do "
-                          f"not fit config.model.backbone={backbone!r} (expected one of "
-                       f"{list(formats)})")
+                         f"not fit config.model.backbone={backbone!r} (expected one of "
+                         f"{list(formats)})")
   elif fmt not in formats:
     raise WeightsError(f"{where}: layout {fmt!r} does not fit config.model.backbone={backbone!r} "
-                        f"(expected one of {list(formats)})")
+                       f"(expected one of {list(formats)})")
   prefix = prefix or ""
   layout = formats[fmt]
   sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -148,8 +148,8 @@ def convert_backbone(sd: dict[str, np.ndarray], backbone: str, backbone_variable
   unexpected = sorted(k for k in sub if k not in used and not layout.ignorable(k))
   if unexpected:
     raise WeightsError(f"{where}: {len(unexpected)} arrays of the {fmt} file have no place in the "
-                        f"model (deeper or different architecture?): {', '.join(unexpected[:20])}"
-                     + (" ..." if len(unexpected) > 20 else ""))
+                       f"model (deeper or different architecture?): {', '.join(unexpected[:20])}"
+                       + (" ..." if len(unexpected) > 20 else ""))
   ignored = sorted(prefix + k for k in sub if k not in used)
   ignored += sorted(k for k in sd if not k.startswith(prefix))
   report = {"format": fmt, "prefix": prefix, "loaded": sorted("/".join(p) for p in values),

@@ -78,7 +78,7 @@ def base_model_state_dict(raw: Any, where: str) -> tuple[dict[str, np.ndarray], 
   """(online/teacher state dict without the DDP 'module.' prefix, the scheduler's iteration)."""
   if not isinstance(raw, dict):
     raise WeightsError(f"{where}: holds a {type(raw).__name__}, expected the original's checkpoint "
-                        "dict")
+                       "dict")
   step = None
   if "base_model" in raw:
     sd = raw["base_model"]
@@ -89,7 +89,7 @@ def base_model_state_dict(raw: Any, where: str) -> tuple[dict[str, np.ndarray], 
     sd = raw
   else:
     raise WeightsError(f"{where}: no 'base_model' entry and no online_network.* keys (entries: "
-                        f"{sorted(map(str, raw))[:10]})")
+                       f"{sorted(map(str, raw))[:10]})")
   sd = {str(k): v for k, v in sd.items() if isinstance(v, np.ndarray)}
   if sd and all(k.startswith("module.") for k in sd):
     sd = {k[len("module."):]: v for k, v in sd.items()}

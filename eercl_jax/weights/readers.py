@@ -33,7 +33,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   except Exception as e:  # SafetensorError (bad header, short file), TypeError/AttributeError
     # (a dtype numpy has no name for, e.g. F8): all mean the file cannot be used as is.
     raise WeightsError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); "
-                        "truncated or corrupt file, or an unsupported dtype?") from e
+                       "truncated or corrupt file, or an unsupported dtype?") from e
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -44,7 +44,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       return {k: z[k] for k in z.files}
   except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error) as e:
     raise WeightsError(f"{path}: not a readable .npz archive ({e}); truncated or corrupt "
-                        "file?") from e
+                       "file?") from e
 
 
 def read_checkpoint(path: str) -> Any:
@@ -74,7 +74,7 @@ def _read_checkpoint(path: str) -> Any:
         names = zf.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
       raise WeightsError(f"{path}: not a readable zip archive ({e}); truncated or corrupt "
-                          "file?") from e
+                         "file?") from e
     if torch_pickle.is_torch_zip(names):
       return torch_pickle.read_torch(path)
     if names and all(n.endswith(".npy") for n in names):
