@@ -423,17 +423,25 @@ class Run:
     self._input_wait += time.perf_counter() - t0
     return batch
 
+  def _workers_took_the_signal(self, what: str) -> bool:
+    """Whether a failure of `what` follows a stop request, in a single-process run: then it is a
+    data worker that was still starting (not yet ignoring the stop signals, data/pipelines.py)
+    killed by the same group signal, not an error of the run."""
+    if not self._stop_signal or jax.process_count() > 1:
+      return False
+    logging.warning("%s failed after %s: a data worker that was starting took the signal too",
+                    what, signal.Signals(self._stop_signal).name)
+    return True
+
   def _stop_if_workers_took_the_signal(self) -> None:
     """Called when reading the next batch failed. After a stop request, that is a data worker
     killed by the same group signal - one still starting, before it ignores the stop signals
     (data/pipelines.py) - and part of the stop: the iterator's state is a batch count, so the
     checkpoint of the last finished step needs no worker. One process only (the others could
     not agree on the step); otherwise the error stands."""
-    if not self._stop_signal or jax.process_count() > 1:
+    if not self._workers_took_the_signal("reading the next batch"):
       return
-    logging.warning("reading the next batch failed after %s (a data worker that was starting "
-                    "took the signal too): stopping at the last finished step",
-                    signal.Signals(self._stop_signal).name)
+    logging.warning("stopping at the last finished step")
     if self._last is None:   # no step finished in this process: its start is the checkpoint
       self._stop(self.start_step)
     step, state, iterator, record = self._last
@@ -453,7 +461,14 @@ class Run:
       self.log_training(step)
       self.check_finite(step, state)
     if itstime(step, c.eval_every, c.num_steps):
-      self.evaluate_and_select(step, state, record)
+      try:
+        self.evaluate_and_select(step, state, record)
+      except Exception:  # pylint: disable=broad-except
+        if not self._workers_took_the_signal("the evaluation"):
+          raise
+        # The failure was reading the evaluation lists (nothing written yet); their fresh
+        # workers start with the signal already past.
+        self.evaluate_and_select(step, state, record)
     saved = itstime(step, c.checkpoint_every, c.num_steps)
     if saved:
       self.save(step, state, iterator, record)

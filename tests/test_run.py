@@ -277,6 +277,32 @@ def test_a_worker_killed_by_the_stop_signal_is_part_of_the_stop(tmp_path, monkey
   r2.lock.release()
 
 
+def test_an_evaluation_whose_workers_took_the_stop_signal_is_done_again(tmp_path, monkeypatch):
+  """The group SIGTERM during an evaluation kills its workers while they start: the evaluation
+  is done again (its fresh workers start after the signal), then checkpoint and exit 75, with
+  that evaluation in the checkpoint's history as in an uninterrupted run."""
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "term")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  scripted = r.evaluate
+  calls = []
+
+  def evaluate(step, variables, save_confusions=True):
+    calls.append(step)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+    return scripted(step, variables, save_confusions)
+  monkeypatch.setattr(r, "evaluate", evaluate)
+  state = state.replace(step=jnp.asarray(1, jnp.int32), params={"w": jnp.full(3, 1)})
+  with pytest.raises(run_lib.Preempted) as exc:
+    r.end_of_step(1, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(1), record)
+  assert exc.value.step == 1 and calls == [1, 1]
+  assert [h["step"] for h in r.history] == [1]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+
+
 def _lock_holder(workdir):
   import json  # pylint: disable=import-outside-toplevel
   return json.loads((workdir / "run.lock").read_text())
