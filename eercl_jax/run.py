@@ -30,8 +30,8 @@ the step and the non-finite terms, and the last good checkpoint stays); SIGTERM 
 the current step, write a checkpoint and exit with `constants.EXIT_PREEMPTED` (75), so a
 scheduler can requeue the same command, which resumes. A scheduler signals the whole process
 group: the data worker processes ignore both signals (data/pipelines.py) and end with the run;
-one still starting may die of it, and the failed read after a stop request ends the run the same
-way (`Run.next_batch`).
+one still starting may die of it: after a stop request, a failed read of the next batch stops at
+the last finished step (`Run.next_batch`) and a failed evaluation is done again.
 """
 from __future__ import annotations
 
