@@ -417,3 +417,34 @@ def check_resume_config(stored: dict, config, step: int, where: str) -> None:
                      f"checkpoint in {where}: the run would end before it starts")
   for k in changed:
     logging.info("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))
+
+
+def describe_pixels(pixels: dict) -> str:
+  """How a run's training images reach its views (`pixels`: {'format', 'stored_size', 'set'})."""
+  if pixels.get("format") != "packed":
+    return "'folder' (the image files, decoded)"
+  size = pixels.get("stored_size")
+  kind = "lossless" if size is None else f"stored resized to {size}x{size}"
+  return f"'packed' ({kind}, {pixels.get('set')})"
+
+
+def check_resume_pixels(meta: dict, pixels: dict | None, step: int, where: str) -> None:
+  """Before restoring: the training list's images must reach the views as in the checkpoint's
+  run. A packed set stored resized (`pack --resize`) changes the strong views (their random crop
+  starts from the squashed image, docs/data.md), so changing `data.format` between image files
+  or a lossless set and a resized set - or between two stored sizes - would not continue the same
+  run; folder <-> lossless packed gives the same batches and is allowed. `pixels` None (not
+  known) or a checkpoint of a packed run that predates this record skip the check."""
+  if pixels is None:
+    return
+  old = meta.get("train_pixels")
+  if old is None:
+    if meta.get("config", {}).get("data", {}).get("format", "folder") != "folder":
+      return
+    old = {"format": "folder", "stored_size": None}
+  if old.get("stored_size") != pixels.get("stored_size"):
+    raise ConfigError(
+        f"cannot resume {where} (step {step}) with this config: the training images would reach "
+        "the strong views at another size (docs/data.md, stored resized; use a new --workdir, or "
+        f"restore the old data):\n  data.format: {describe_pixels(old)} -> "
+        f"{describe_pixels(pixels)}")

@@ -23,3 +23,9 @@ class ConfigError(UserError):
 class CheckpointError(UserError):
   """A checkpoint folder that is missing, of another run or model, or unreadable; the message
   names the folder (and the step)."""
+
+
+class WeightsError(UserError):
+  """A weights file (`config.model.init_from`, an original checkpoint, a file to convert) that
+  cannot be read - missing entries, truncated or corrupt - or does not fit the model; the
+  message names the file."""

@@ -1,8 +1,13 @@
 """TensorBoard event files of a run: a clu `MetricWriter` that stores scalars as plain values
 (TensorBoard's `EventAccumulator.Scalars(tag)` reads them; the tensor scalars of clu's
 SummaryWriter / `tf.summary.scalar` are invisible to it), images as PNG, the config as hparams.
-(Its own module: clu's metric_writers package imports TensorFlow, which the commands that write
-no event file need not pay for.)"""
+Both writers have `start_session(step)`: where a run's process starts (resumes) in its event
+file, a SessionLog START event at `step`. TensorBoard discards what earlier sessions wrote at
+steps >= that step, so the steps a killed run logged past its last checkpoint (and logs again
+after resuming) are not shown twice.
+
+(Its own module, imported when a run starts: clu's metric_writers package imports TensorFlow,
+which the commands that write no event file need not pay for.)"""
 from __future__ import annotations
 
 import io
@@ -95,6 +100,11 @@ class EventWriter(metric_writers.MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None):
     self._unsupported("histograms")
 
+  def start_session(self, step: int) -> None:
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+    self._add(event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
+
   def flush(self) -> None:
     self._records.flush()
 
@@ -117,11 +127,21 @@ def _image_proto(image: np.ndarray):
                                    encoded_image_string=buffer.getvalue())
 
 
+class SilentWriter(metric_writers.MultiWriter):
+  """The writer of the processes other than 0: clu's MultiWriter of no writer."""
+
+  def __init__(self):
+    super().__init__([])
+
+  def start_session(self, step: int) -> None:
+    del step
+
+
 def create_writer(workdir: str):
   """The TensorBoard writer (a clu MetricWriter) of `<workdir>/tensorboard` on process 0; on
   the other processes clu's MultiWriter of no writer, which writes nothing."""
   if jax.process_index() > 0:
-    return metric_writers.MultiWriter([])
+    return SilentWriter()
   return EventWriter(os.path.join(workdir, "tensorboard"))
 
 

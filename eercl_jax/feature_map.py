@@ -113,8 +113,16 @@ def feature_map(adapt_run: str, out_path: str, *, source_run: str | None = None,
   config = ml_collections.ConfigDict(meta["config"])
   config.data.class_names = tuple(config.data.class_names)
   class_names = tuple(meta["class_names"])
-  source_run = source_run or config.source_checkpoint
-  source_dir = checkpoints.resolve_run_dir(source_run, "best", what="--source_run")
+  if source_run:
+    source_dir = checkpoints.resolve_run_dir(source_run, "best", what="--source_run")
+  else:   # errors name where it came from, not a --source_run the user did not give
+    try:
+      source_dir = checkpoints.resolve_run_dir(
+          config.source_checkpoint, "best",
+          what=f"the config.source_checkpoint recorded in {adapt_dir}")
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e} (a relative path resolves against the current folder, as in "
+                              "the run: run from the run's folder, or give --source_run)") from e
   _, source_meta = checkpoints.read_meta(source_dir)
   checkpoints.check_model_meta(source_meta, config, source_dir)
 

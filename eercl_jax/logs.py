@@ -100,6 +100,27 @@ def setup_file_log(workdir: str, path: str | None = None) -> str:
   return path
 
 
+def _file_handlers() -> list:
+  """The handlers of the run's log file (`setup_file_log`: on the root logger)."""
+  loggers = (py_logging.getLogger(), logging.get_absl_logger())
+  return [h for lg in loggers for h in lg.handlers if getattr(h, "_eercl_path", None)]
+
+
+def file_path() -> str | None:
+  """The run's log file (`setup_file_log`) of this process, if it has one."""
+  handlers = _file_handlers()
+  return handlers[0]._eercl_path if handlers else None  # pylint: disable=protected-access
+
+
+def to_file(message: str, level: int = py_logging.ERROR, exc_info=None) -> None:
+  """`message` (with the traceback of `exc_info`) in the run's log file only, not on stderr:
+  for what stderr says once, in its own words (a user mistake's one line)."""
+  logger = logging.get_absl_logger()
+  record = logger.makeRecord(logger.name, level, __file__, 0, message, None, exc_info)
+  for handler in _file_handlers():
+    handler.handle(record)
+
+
 # --------------------------------------------------------------------------------- metrics CSV
 
 class MetricsCsv:

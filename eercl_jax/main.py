@@ -7,7 +7,9 @@ a given) checkpoint on the run's evaluation lists or `--config.eval.lists` (eerc
 
 Exit codes (eercl_jax/constants.py): 0 done; 2 a mistake in the config, the command line or a
 file (one line on stderr names it); 75 stopped by SIGTERM/SIGINT after a checkpoint (rerun to
-resume); 1 any other failure (its traceback in the run's log, one FATAL line last on stderr).
+resume); 1 any other failure (its traceback in the run's log, one FATAL line last on stderr). A
+training run that fails before its first step, in a workdir that was new, leaves no run folder
+(`run.removed_if_failed_early`).
 
 The terminal shows the progress, evaluation and refresh lines, warnings, errors and the final
 line; everything else (the config, checkpoint-library and backend lines) is in the run's log,
@@ -61,21 +63,25 @@ def main(argv):
       from eercl_jax import inference  # pylint: disable=import-outside-toplevel
       inference.evaluate_checkpoint(config, _WORKDIR.value)
       return
-    if config.data.format == "packed":
-      # tensorflow-datasets imports TensorFlow (nothing else does): keep it off the accelerators.
-      _hide_accelerators_from_tensorflow()
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    if config.stage == "source":
-      from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
-      train_source.train_and_evaluate(config, _WORKDIR.value)
-    elif config.stage == "adapt":
-      from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
-      train_adapt.train_and_evaluate(config, _WORKDIR.value)
-    else:
-      raise UserError(f"config.stage: {config.stage!r}: expected 'source' or 'adapt'")
+    # TensorFlow is imported for clu's metric writers (and tensorflow-datasets' packed sets):
+    # keep it off the accelerators.
+    _hide_accelerators_from_tensorflow()
+    from eercl_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+    # A run that fails before its first step leaves no new run folder behind.
+    with run_lib.removed_if_failed_early(_WORKDIR.value):
+      os.makedirs(_WORKDIR.value, exist_ok=True)
+      if config.stage == "source":
+        from eercl_jax import train_source  # pylint: disable=import-outside-toplevel
+        train_source.train_and_evaluate(config, _WORKDIR.value)
+      elif config.stage == "adapt":
+        from eercl_jax import train_adapt  # pylint: disable=import-outside-toplevel
+        train_adapt.train_and_evaluate(config, _WORKDIR.value)
+      else:
+        raise UserError(f"config.stage: {config.stage!r}: expected 'source' or 'adapt'")
   except cli.USER_ERRORS as e:
-    # A mistake in what the user gave: one line, no traceback, exit code 2.
-    _last_line(f"error: {cli.one_line(str(e))}")
+    # A mistake in what the user gave: one line on stderr (its traceback in the run's log, when
+    # the run folder stays), exit code 2.
+    _last_line(f"error: {cli.one_line(str(e))}", exc_info=e)
     sys.exit(constants.EXIT_USAGE)
   except Exception as e:  # pylint: disable=broad-except
     logging.exception("the run stopped with an error")
@@ -83,12 +89,31 @@ def main(argv):
     raise
 
 
-def _last_line(line: str) -> None:
-  """`line` last in the log and last on stderr: background threads (checkpoint writers, data
-  workers) may print pages of secondary errors while the process shuts down, which would
-  otherwise bury the cause."""
-  logging.error("%s", line)
-  atexit.register(lambda: print(line, file=sys.stderr, flush=True))
+def _last_line(line: str, exc_info: BaseException | None = None) -> None:
+  """`line` last in the log file (after the traceback of `exc_info`) and last on stderr, once:
+  background threads (checkpoint writers, data workers) may print pages of secondary errors
+  while the process shuts down, which would otherwise bury the cause."""
+  from eercl_jax import logs  # pylint: disable=import-outside-toplevel
+  if exc_info is not None:
+    logs.to_file("the run stopped with an error", exc_info=(type(exc_info), exc_info,
+                                                             exc_info.__traceback__))
+  logs.to_file(line)
+  atexit.register(_say_last, line, logs.file_path())
+
+
+def _say_last(line: str, log_path: str | None) -> None:
+  """At exit, before the other exit handlers (atexit runs the last registered first): `line` on
+  stderr, then stderr goes to the run's log file (nowhere if there is none), so what the rest of
+  the shutdown prints - e.g. TensorStore reads of a corrupt checkpoint that complete after orbax
+  closed their event loop, "RuntimeError: Event loop is closed" - does not follow it."""
+  print(line, file=sys.stderr, flush=True)
+  target = log_path if log_path and os.path.isfile(log_path) else os.devnull
+  try:
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+  except OSError:
+    return
+  os.dup2(fd, sys.stderr.fileno())
+  os.close(fd)
 
 
 def _hide_accelerators_from_tensorflow():

@@ -28,19 +28,24 @@ Cluster safety, also here: process 0 holds an exclusive lock on the workdir for 
 lifetime; no state with a non-finite value is ever saved (the run stops with an error naming
 the step and the non-finite terms, and the last good checkpoint stays); SIGTERM / SIGINT finish
 the current step, write a checkpoint and exit with `constants.EXIT_PREEMPTED` (75), so a
-scheduler can requeue the same command, which resumes.
+scheduler can requeue the same command, which resumes. A scheduler signals the whole process
+group: the data worker processes ignore both signals (data/pipelines.py) and end with the run;
+one still starting may die of it: after a stop request, a failed read of the next batch stops at
+the last finished step (`Run.next_batch`) and a failed evaluation is done again.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +53,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eercl_jax import (checkpoints, config_defaults, constants, evaluation, event_files, logs,
-                       optim, parallel, pictures, records, selection)
+from eercl_jax import (checkpoints, config_defaults, constants, evaluation, logs, optim, parallel,
+                       pictures, records, selection)
 from eercl_jax.data import host, packed, pipelines, run_lists
 from eercl_jax.errors import CheckpointError, DataError
 from eercl_jax.models import registry
@@ -74,9 +79,14 @@ class WorkdirLock:
   """An exclusive lock file `<workdir>/run.lock` naming its holder's host and pid.
 
   A second run on the same workdir is refused with the holder's name; a lock whose process is
-  gone (same host, pid not alive) is stale and taken over. Re-entrant within one process (a
-  process runs one loop at a time). Only process 0 of a multi-process run takes it.
+  gone (same host, pid not alive) is stale and taken over, and so is one that names no holder
+  (empty or unreadable: a run that died between creating and writing it, e.g. on a full disk)
+  once it is older than `GRACE_S` (younger, its creator may be writing it right now). Re-entrant
+  within one process (a process runs one loop at a time). Only process 0 of a multi-process run
+  takes it.
   """
+
+  GRACE_S = 2.0   # a creator writes its lock microseconds after creating it
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, constants.LOCK_FILE)
@@ -84,43 +94,69 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(3):
+    deadline = time.monotonic() + 4 * self.GRACE_S
+    while True:
+      if time.monotonic() > deadline:   # other runs keep taking and dropping it
+        raise RuntimeError(f"could not take the lock {self.path}; delete it if no run uses "
+                           "this workdir")
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         holder = self._holder()
         if holder == me:
           break
-        if holder is not None and holder.get("host") == me["host"] and \
-            not _pid_alive(holder.get("pid")):
-          logging.warning("taking over the stale lock %s of %s (process gone)", self.path, holder)
+        if holder is None:
+          age = _age(self.path)
+          if age is None:                 # removed meanwhile: try again
+            continue
+          if age < self.GRACE_S:          # being written by its creator right now: look again
+            time.sleep(0.05)
+            continue
+          logging.warning("taking over the lock %s: it names no holder (empty or unreadable, "
+                          "left by a run that died while creating it)", self.path)
           _remove(self.path)
           continue
-        if holder is None:   # being written by its creator right now, or empty: look again
+        if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+          logging.warning("taking over the stale lock %s of %s (process gone)", self.path, holder)
+          _remove(self.path)
           continue
         raise RuntimeError(
             f"workdir {os.path.dirname(self.path)!r} is in use by another run (host "
             f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, use another "
-            f"--workdir, or delete {self.path} if that run is dead")
+            f"--workdir, or delete {self.path} if that run is dead") from None
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       break
-    else:
-      raise RuntimeError(f"could not take the lock {self.path}")
     self.held = True
     atexit.register(self.release)
 
   def release(self) -> None:
-    if self.held and self._holder() == {"host": socket.gethostname(), "pid": os.getpid()}:
+    if self.held and self.mine():
       _remove(self.path)
     self.held = False
 
+  def mine(self) -> bool:
+    """Whether the lock file names this process."""
+    return self._holder() == {"host": socket.gethostname(), "pid": os.getpid()}
+
   def _holder(self) -> dict | None:
+    """{'host', 'pid'} of the lock file; None when it is missing, empty or names no holder."""
     try:
       with open(self.path) as f:
-        return json.load(f)
+        holder = json.load(f)
     except (OSError, ValueError):
       return None
+    if not isinstance(holder, dict) or not {"host", "pid"} <= set(holder):
+      return None
+    return holder
+
+
+def _age(path: str) -> float | None:
+  """Seconds since `path` was last written; None when it is gone."""
+  try:
+    return time.time() - os.stat(path).st_mtime
+  except FileNotFoundError:
+    return None
 
 
 def _pid_alive(pid) -> bool:
@@ -138,6 +174,64 @@ def _remove(path: str) -> None:
     os.remove(path)
   except FileNotFoundError:
     pass
+
+
+def train_pixels(train_list) -> dict:
+  """How a run's training images reach its views, recorded in its checkpoints and checked on
+  resuming (`checkpoints.check_resume_pixels`): {'format': 'folder' | 'packed', 'stored_size':
+  None (as decoded) | R (a packed set stored resized), 'set': the packed set's folder}."""
+  if not train_list.packed_dir:
+    return {"format": "folder", "stored_size": None, "set": None}
+  return {"format": "packed", "stored_size": packed.read_meta(train_list.packed_dir)["stored_size"],
+          "set": train_list.packed_dir}
+
+
+# Workdirs (absolute) in which this process ended a training step: a failure after that keeps
+# the run folder (its log, TensorBoard, checkpoints), one before it need not.
+_STEPPED: set[str] = set()
+
+
+@contextlib.contextmanager
+def removed_if_failed_early(workdir: str) -> Iterator[None]:
+  """Around a training run's start and loop: when it fails before its first step ended and
+  `workdir` was new - absent or empty before - what the start wrote there (config.json, logs/,
+  tensorboard/, the empty checkpoint folders, the lock) is removed, with the folders above it
+  that the start created and left empty, so a mistake leaves no run folder behind. A workdir
+  that held anything (a run to resume) is never touched; nor is anything after a first step."""
+  workdir = os.path.abspath(workdir)
+  created = []   # the workdir and its ancestors that do not exist yet, deepest first
+  folder = workdir
+  while not os.path.exists(folder):
+    created.append(folder)
+    folder = os.path.dirname(folder)
+  was_empty = not created and os.path.isdir(workdir) and not os.listdir(workdir)
+  try:
+    yield
+  except BaseException:
+    if (created or was_empty) and workdir not in _STEPPED and jax.process_index() == 0:
+      _remove_start(workdir, created)
+    raise
+
+
+def _remove_start(workdir: str, created: Sequence[str]) -> None:
+  # Only what this process wrote under its own lock: a run started on the same new workdir at
+  # the same moment, which holds the lock, keeps its files.
+  mine = WorkdirLock(workdir).mine()
+  if created:
+    if mine:
+      shutil.rmtree(workdir, ignore_errors=True)
+    for folder in created[1 if mine else 0:]:   # the folders it needed, while empty
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
+  elif mine:
+    for name in os.listdir(workdir):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        _remove(path)
 
 
 @jax.jit
@@ -207,10 +301,13 @@ class Run:
     if jax.process_index() == 0:
       self.lock.acquire()
     logs.setup_file_log(workdir)
+    # Imported here: clu's writers import TensorFlow, which only a run needs.
+    from eercl_jax import event_files  # pylint: disable=import-outside-toplevel
     self.writer = event_files.create_writer(workdir)
     self.mesh = parallel.create_mesh()
     config_defaults.validate(config, self.mesh.devices.size, jax.process_count())
-    self._record_config(config, workdir)
+    logging.info("config (recorded in %s once the run starts):\n%s",
+                 os.path.join(workdir, constants.CONFIG_FILE), config)
     self.main_rule = selection_rule(config.data.select_by)
     self.rules = [self.main_rule]
     if label_free:
@@ -235,8 +332,10 @@ class Run:
     self._evals = None
     self._last_scalars: dict[str, float] = {}
     self._stop_signal = 0
+    self._last: tuple | None = None   # (step, state, iterator, record) of the last end_of_step
     self._finite_step = -1   # the last step whose state was found finite
     self._views_shown = False
+    self._train_pixels: dict | None = None   # how the training images reach the views
     self._started, self._elapsed_before = time.time(), 0.0   # wall time, over resumes
     # Input wait: seconds the step loop spent in `next_batch` since the last log line.
     self._input_wait, self._window_start = 0.0, time.perf_counter()
@@ -249,11 +348,10 @@ class Run:
   # -------------------------------------------------------------------------------- start-up
 
   def _record_config(self, config, workdir: str) -> None:
-    """config.json, the config in the log and in TensorBoard's hparams; a results.json of an
-    earlier finish is removed (the run is not finished while it continues)."""
+    """config.json and the config in TensorBoard's hparams; a results.json of an earlier finish
+    is removed (the run is not finished while it continues). Once the resume checks passed: a
+    refused resume leaves the run's record as it was."""
     records.write_config(workdir, config)
-    logging.info("config (also in %s):\n%s", os.path.join(workdir, constants.CONFIG_FILE),
-                 config)
     self.writer.write_hparams(records.hparams(config))
     if jax.process_index() == 0:
       _remove(os.path.join(workdir, constants.RESULTS_FILE))
@@ -265,6 +363,7 @@ class Run:
     train, evals = run_lists.read_run_lists(self.config.data)
     self.train_list = {"list": train.list_path, "count": len(train),
                        "fingerprint": packed.list_fingerprint(train)}
+    self._train_pixels = train_pixels(train)
     return train, evals
 
   def set_evaluation(self, model, evals: dict,
@@ -298,12 +397,16 @@ class Run:
       logging.info("resumed from %s at step %d (%s stage)", self.ckpt.latest.directory,
                    int(state.step), self.stage, extra=logs.SHOW)
     self.start_step = int(state.step)
+    self._record_config(self.config, self.workdir)
     dropped = self.ckpt.drop_best_after(self.start_step)
     if dropped:
       logging.info("best/ held step(s) %s past the resumed step %d (a kill between saves): "
                    "dropped, they are recomputed", dropped, self.start_step)
     self._progress = logs.Progress(self.start_step, self.config.num_steps)
     self._input_wait, self._window_start = 0.0, time.perf_counter()
+    # TensorBoard: this session starts at the next step; what an earlier session logged from
+    # there on (past its last checkpoint, before it was killed) is discarded, not shown twice.
+    self.writer.start_session(self.start_step + 1)
     return state, record, iterator_state
 
   def _restore_readable(self, state: Any):
@@ -320,6 +423,7 @@ class Run:
         checkpoints.check_model_meta(meta, self.config, where)
         checkpoints.check_resume_config(meta.get("config", {}), self.config, step, where)
         self.check_train_list(meta, where)
+        checkpoints.check_resume_pixels(meta, self._train_pixels, step, where)
         restored = self.ckpt.restore_at(step, checkpoints.abstract_like(state))
       except checkpoints.UnreadableCheckpoint as e:
         logging.error("%s", e)
@@ -383,25 +487,66 @@ class Run:
     """`next(iterator)`, timing how long the step loop waits for its input: the share of
     the wall time spent here is logged as `train/input_wait` (near 1: the host is the limit)."""
     t0 = time.perf_counter()
-    batch = next(iterator)
+    try:
+      batch = next(iterator)
+    except Exception:  # pylint: disable=broad-except
+      self._stop_if_workers_took_the_signal()
+      raise
     self._input_wait += time.perf_counter() - t0
     return batch
+
+  def _workers_took_the_signal(self, what: str) -> bool:
+    """Whether a failure of `what` follows a stop request, in a single-process run: then it is a
+    data worker that was still starting (not yet ignoring the stop signals, data/pipelines.py)
+    killed by the same group signal, not an error of the run."""
+    if not self._stop_signal or jax.process_count() > 1:
+      return False
+    logging.warning("%s failed after %s: a data worker that was starting took the signal too",
+                    what, signal.Signals(self._stop_signal).name)
+    return True
+
+  def _stop_if_workers_took_the_signal(self) -> None:
+    """Called when reading the next batch failed. After a stop request, that is a data worker
+    killed by the same group signal - one still starting, before it ignores the stop signals
+    (data/pipelines.py) - and part of the stop: the iterator's state is a batch count, so the
+    checkpoint of the last finished step needs no worker. One process only (the others could
+    not agree on the step); otherwise the error stands."""
+    if not self._workers_took_the_signal("reading the next batch"):
+      return
+    logging.warning("stopping at the last finished step")
+    if self._last is None:   # no step finished in this process: its start is the checkpoint
+      self._stop(self.start_step)
+    step, state, iterator, record = self._last
+    if self.ckpt.latest_step() != step:
+      self.save(step, state, iterator, record)
+    self._stop(step)
 
   def end_of_step(self, step: int, state: Any, metrics: dict, iterator: Any,
                   record: Any = None) -> None:
     """After step `step`: accumulate its metrics; log, evaluate (+ best checkpoint) and
     checkpoint when each is due."""
     c = self.config
+    _STEPPED.add(os.path.abspath(self.workdir))
     self._running.add(metrics)
     logged = itstime(step, c.log_every, c.num_steps)
     if logged:
       self.log_training(step)
       self.check_finite(step, state)
     if itstime(step, c.eval_every, c.num_steps):
-      self.evaluate_and_select(step, state, record)
+      try:
+        self.evaluate_and_select(step, state, record)
+      except Exception:  # pylint: disable=broad-except
+        if not self._workers_took_the_signal("the evaluation"):
+          raise
+        # The failure was reading the evaluation lists (nothing written yet); their fresh
+        # workers start with the signal already past.
+        self.evaluate_and_select(step, state, record)
     saved = itstime(step, c.checkpoint_every, c.num_steps)
     if saved:
       self.save(step, state, iterator, record)
+    # Kept for a stop found while reading the next batch (`next_batch`): references only, the
+    # step function has not taken (donated) this state yet when that happens.
+    self._last = (step, state, iterator, record)
     if self._stop_requested(logged):
       if not saved:
         self.save(step, state, iterator, record)
@@ -549,6 +694,8 @@ class Run:
       meta["train_list"] = self.train_list
     if record is not None:
       meta.update(dataclasses.asdict(record))
+    if self._train_pixels is not None:
+      meta["train_pixels"] = self._train_pixels
     return checkpoints.run_meta(self.config, step, meta)
 
   # ----------------------------------------------------------------------------------- end

@@ -1,10 +1,12 @@
 """Real processes killed at chosen points: every rerun ends bit-identical to an uninterrupted run.
 
-SIGKILL after a best/ save and before the next latest checkpoint (best/ ahead of checkpoints/),
-and at a random moment while checkpoints are written every step;
-SIGTERM mid-run with data workers (a checkpoint at the current step, exit 75, no worker left,
-the lock released) while a second run on the same workdir is refused; a NaN run (a named error,
-exit 1, the fatal line last, no non-finite checkpoint)."""
+SIGKILL after a best/ save and before the next latest checkpoint (best/ ahead of checkpoints/;
+TensorBoard shows each step once after the rerun), and at a random moment while checkpoints are
+written every step;
+SIGTERM to the whole process group mid-run with two data workers, as a scheduler preempts (a
+checkpoint at the current step, exit 75, no worker left, the lock released) while a second run on
+the same workdir is refused; a NaN run (a named error, exit 1, the fatal line last, no non-finite
+checkpoint)."""
 import os
 import signal
 import subprocess
@@ -43,8 +45,10 @@ def _run(workdir, data_dir, *extra):
 
 
 def _start(workdir, data_dir, *extra):
+  """The run in a process group of its own (as a job step: a signal can go to all of it)."""
   return subprocess.Popen(_args(workdir, *extra), cwd=data_dir, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
 
 
 def _wait_for(log, text, proc, timeout=300):
@@ -75,6 +79,17 @@ def _same(a, b):
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def _logged_steps(workdir, tag="train/loss"):
+  """The steps of `tag` TensorBoard shows (its reader of tensor summaries, which discards what
+  a session wrote past a later session's start)."""
+  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  acc = plugin_event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
+                                                  size_guidance={"tensors": 0})
+  acc.Reload()
+  return [e.step for e in acc.Tensors(tag)]
+
+
 def test_sigkill_between_a_best_save_and_the_next_checkpoint(data_dir, tmp_path, uninterrupted):
   workdir = tmp_path / "killed"
   proc = _start(workdir, data_dir)
@@ -86,6 +101,8 @@ def test_sigkill_between_a_best_save_and_the_next_checkpoint(data_dir, tmp_path,
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   _same(_params(workdir / "checkpoints"), uninterrupted[0])
   assert rerun.stdout.splitlines()[-1] == uninterrupted[1].splitlines()[-1]
+  # The killed run logged steps 1, 2, ... and the rerun logged them again from step 1.
+  assert _logged_steps(workdir) == list(range(1, STEPS + 1))
 
 
 def test_sigkill_at_a_random_point_of_the_saves(data_dir, tmp_path, uninterrupted):
@@ -102,8 +119,11 @@ def test_sigkill_at_a_random_point_of_the_saves(data_dir, tmp_path, uninterrupte
   _same(_params(workdir / "checkpoints"), uninterrupted[0])
 
 
-def test_sigterm_checkpoints_stops_workers_and_resumes_exactly(data_dir, tmp_path,
-                                                               uninterrupted):
+def test_sigterm_to_the_process_group_checkpoints_stops_workers_and_resumes_exactly(
+    data_dir, tmp_path, uninterrupted):
+  """A scheduler's preemption (slurm's --signal=TERM without B:, scancel, Ctrl-C) signals every
+  process of the job, the data workers too: they must outlive it until the run has written its
+  checkpoint, and then go."""
   workdir = tmp_path / "term"
   proc = _start(workdir, data_dir, "--config.data.num_workers=2")
   log = workdir / "logs" / "train.log"
@@ -113,7 +133,7 @@ def test_sigterm_checkpoints_stops_workers_and_resumes_exactly(data_dir, tmp_pat
   # A second run on the same workdir is refused while the first holds it.
   second = _run(workdir, data_dir)
   assert second.returncode != 0 and f"pid {proc.pid}" in second.stderr
-  proc.send_signal(signal.SIGTERM)
+  os.killpg(proc.pid, signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == constants.EXIT_PREEMPTED, err[-3000:]
   steps = [int(s) for s in os.listdir(workdir / "checkpoints")]

@@ -274,3 +274,210 @@ def test_resuming_exactly_at_the_best_step_keeps_best(tmp_path, monkeypatch):
   best_step, meta = checkpoints.read_meta(best_dir)
   assert best_step == 2 and (meta["best"]["value"], meta["best"]["step"]) == (0.8, 2)
   assert meta["stream"] == 2
+
+
+class DyingIterator(ToyIterator):
+  """A training iterator whose data workers were killed: reading fails, its position stays."""
+
+  def __next__(self):
+    raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+
+
+def test_a_worker_killed_by_the_stop_signal_is_part_of_the_stop(tmp_path, monkeypatch):
+  """A group SIGTERM that also kills a data worker still starting (before it ignores the
+  signal): reading the next batch fails, and the run checkpoints its last finished step and
+  exits 75 instead of failing; without a stop request the error stands."""
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "term")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  it = DyingIterator(0)
+  with pytest.raises(RuntimeError, match="Worker process"):
+    r.next_batch(it)                            # no stop requested: a real failure
+  state = state.replace(step=jnp.asarray(1, jnp.int32), params={"w": jnp.full(3, 1)})
+  it.position = 1
+  r.end_of_step(1, state, {"train/loss": jnp.asarray(1.0)}, it, record)   # not checkpointed
+  os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(run_lib.Preempted) as exc:
+    r.next_batch(it)
+  assert exc.value.code == constants.EXIT_PREEMPTED and exc.value.step == 1
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+  r2 = _run(workdir, [0.5] * 3, monkeypatch)
+  _, _, it_state = r2.resume(_toy_state(), ToyRecord())
+  assert r2.start_step == 1 and it_state["position"] == 1
+  r2.ckpt.close()
+  r2.lock.release()
+
+
+def test_an_evaluation_whose_workers_took_the_stop_signal_is_done_again(tmp_path, monkeypatch):
+  """The group SIGTERM during an evaluation kills its workers while they start: the evaluation
+  is done again (its fresh workers start after the signal), then checkpoint and exit 75, with
+  that evaluation in the checkpoint's history as in an uninterrupted run."""
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "term")
+  r = _run(workdir, [0.5] * 6, monkeypatch)
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  scripted = r.evaluate
+  calls = []
+
+  def evaluate(step, variables, save_confusions=True):
+    calls.append(step)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+    return scripted(step, variables, save_confusions)
+  monkeypatch.setattr(r, "evaluate", evaluate)
+  state = state.replace(step=jnp.asarray(1, jnp.int32), params={"w": jnp.full(3, 1)})
+  with pytest.raises(run_lib.Preempted) as exc:
+    r.end_of_step(1, state, {"train/loss": jnp.asarray(1.0)}, ToyIterator(1), record)
+  assert exc.value.step == 1 and calls == [1, 1]
+  assert [h["step"] for h in r.history] == [1]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+
+
+def _lock_holder(workdir):
+  import json  # pylint: disable=import-outside-toplevel
+  return json.loads((workdir / "run.lock").read_text())
+
+
+@pytest.mark.parametrize("content", ["", "{\"host\": \"h", "[]", "{\"note\": 1}"])
+def test_a_lock_naming_no_holder_is_taken_over_with_a_warning(tmp_path, monkeypatch, content,
+                                                               caplog):
+  """An empty or unreadable run.lock (a run that died between creating and writing it) is a dead
+  holder: taken over, with a warning naming the file, not 'could not take the lock'."""
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  lock = workdir / "run.lock"
+  lock.write_text(content)
+  old = lock.stat().st_mtime - 60
+  os.utime(lock, (old, old))
+  with caplog.at_level("WARNING"):
+    r = _run(str(workdir), [0.5] * 6, monkeypatch)
+  assert _lock_holder(workdir)["pid"] == os.getpid()
+  assert f"taking over the lock {lock}: it names no holder" in caplog.text
+  r.ckpt.close()
+  r.lock.release()
+  assert not lock.exists()
+
+
+def test_a_lock_being_written_is_not_taken_over(tmp_path, monkeypatch):
+  """A just-created empty lock may be its creator's, about to name it: waited for, then the
+  run is refused with the holder's name."""
+  import json  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  lock = workdir / "run.lock"
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    lock.write_text("")
+    writer = threading.Timer(0.5, lambda: lock.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": live.pid})))
+    writer.start()
+    with pytest.raises(RuntimeError, match=f"in use by another run .*pid {live.pid}"):
+      _run(str(workdir), [0.5], monkeypatch)
+    writer.join()
+    assert _lock_holder(workdir)["pid"] == live.pid
+  finally:
+    live.kill()
+    live.wait()
+
+
+def _logged_steps(workdir, tag="train/loss"):
+  """The steps of `tag` TensorBoard shows (its reader of tensor summaries, which discards what
+  a session wrote past a later session's start)."""
+  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  acc = plugin_event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
+                                                  size_guidance={"tensors": 0})
+  acc.Reload()
+  return [e.step for e in acc.Tensors(tag)]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, monkeypatch):
+  """Killed after logging step 3 with its checkpoint at step 2: the rerun logs step 3 again;
+  its session start makes TensorBoard drop the first session's step 3."""
+  import time  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+
+  def run():
+    r = _run(str(workdir), [0.5] * 6, monkeypatch)
+    r.config.unlock()
+    r.config.log_every = 1
+    return r
+  r = run()
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record, stop_after=3)              # checkpoint at 2, steps 1..3 logged
+  r.writer.flush()
+  r.lock.release()
+  time.sleep(1.0 - time.time() % 1.0 + 0.05)          # event files are named by the second
+  r2 = run()
+  state, record, _ = r2.resume(_toy_state(), ToyRecord())
+  assert r2.start_step == 2
+  _drive(r2, state, record)
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_checks_how_the_training_images_reach_the_views():
+  ok = {"format": "packed", "stored_size": None, "set": "p/list"}
+  resized = {"format": "packed", "stored_size": 36, "set": "q/list"}
+  folder_run = {"config": {"data": {"format": "folder"}}}
+  checkpoints.check_resume_pixels(folder_run, ok, 4, "ckpt")            # lossless: same batches
+  checkpoints.check_resume_pixels(folder_run, None, 4, "ckpt")          # not known: no check
+  with pytest.raises(ValueError, match=r"data\.format: 'folder' \(the image files, decoded\) -> "
+                                       r"'packed' \(stored resized to 36x36, q/list\)"):
+    checkpoints.check_resume_pixels(folder_run, resized, 4, "ckpt")
+  with pytest.raises(ValueError, match=r"data\.format: 'packed' \(stored resized to 36x36, "
+                                       r"q/list\) -> 'packed' \(lossless, p/list\)"):
+    checkpoints.check_resume_pixels({"train_pixels": resized}, ok, 4, "ckpt")
+  # A packed run's checkpoint from before this record: not known, not refused.
+  checkpoints.check_resume_pixels({"config": {"data": {"format": "packed"}}}, resized, 4, "c")
+
+
+@pytest.mark.slow
+def test_resume_refuses_training_images_stored_at_another_size(tmp_path, monkeypatch):
+  """A run over the image files resumed over a packed set stored resized is refused, naming
+  data.format old -> new; over a lossless packed set (the same batches) it resumes."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from eercl_jax.data import packed  # pylint: disable=import-outside-toplevel
+  c = demo_source.get_config("runlocal")
+  lines = []
+  for i in range(8):
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 44, 3), np.uint8)).save(
+        tmp_path / f"{i}.png")
+    lines.append(f"{i}.png {i % len(c.data.class_names)}\n")
+  (tmp_path / "list.txt").write_text("".join(lines))
+  for root, resize in (("lossless", None), ("resized", c.data.resize)):
+    packed.pack_list(str(tmp_path / "list.txt"), str(tmp_path), str(tmp_path / root / "list"),
+                     c.data.class_names, resize)
+  workdir = str(tmp_path / "run")
+
+  def run(**data):
+    r = _run(workdir, [0.5] * 6, monkeypatch)
+    r.config.unlock()
+    d = r.config.data
+    d.synthetic.enabled, d.image_root = False, str(tmp_path)
+    d.train_list, d.eval_lists = str(tmp_path / "list.txt"), {"target": str(tmp_path / "list.txt")}
+    d.update(data)
+    r.read_lists()
+    return r
+  r = run()
+  state, record, _ = r.resume(_toy_state(), ToyRecord())
+  _drive(r, state, record, stop_after=4)
+  r.lock.release()
+  r2 = run(format="packed", packed_root=str(tmp_path / "resized"))
+  with pytest.raises(ValueError, match=r"data\.format: 'folder' \(the image files, decoded\) -> "
+                                       r"'packed' \(stored resized to 36x36, .*resized.list\)"):
+    r2.resume(_toy_state(), ToyRecord())
+  r2.ckpt.close()
+  r2.lock.release()
+  r3 = run(format="packed", packed_root=str(tmp_path / "lossless"))
+  state, _, _ = r3.resume(_toy_state(), ToyRecord())
+  assert int(state.step) == 4
+  r3.ckpt.close()
+  r3.lock.release()

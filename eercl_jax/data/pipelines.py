@@ -16,7 +16,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util
+import os
+import signal
 import sys
+import threading
 from typing import Iterator, Sequence
 
 import grain
@@ -195,12 +201,61 @@ class EvalLocator:
     return self.epoch, min(position, self.num_examples - 1), valid
 
 
+# ------------------------------------------------------------------ data worker processes
+# A scheduler's preemption signal (slurm's --signal=TERM, scancel, a terminal's Ctrl-C) goes to the
+# whole process group. Decoding workers must not die of it: the main process finishes its step,
+# writes a checkpoint and exits 75 (run.py), and a worker killed under it would end the run with
+# "Worker process was terminated unexpectedly" instead. So workers ignore SIGINT and SIGTERM, and
+# end when the main process closes their iterator, or when it is gone. A worker still starting
+# (a fresh interpreter: the parent's blocked mask is not inherited) can die of the signal before
+# it ignores it; the run then stops at its last finished step all the same (run.Run.next_batch).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_WORKER_PREFIX = "grain-process-prefetch"   # grain's name of its worker processes
+_exit_guard = []   # the main process's exit hook, registered once
+
+
+def _worker_init(index: int, count: int) -> None:
+  """In each worker process, before it reads data: ignore the stop signals, and exit when the
+  main process is gone (its parent's end no longer reaches it as a SIGTERM)."""
+  del index, count
+  for sig in _STOP_SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
+  parent = multiprocessing.parent_process()
+  if parent is not None:
+    threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), daemon=True,
+                     name="eercl-parent-watch").start()
+
+
+def _exit_when_gone(sentinel: int) -> None:
+  multiprocessing.connection.wait([sentinel])   # ready when the main process has ended
+  os.kill(os.getpid(), signal.SIGKILL)          # nobody reads this worker's output any more
+
+
+def _stop_leftover_workers() -> None:
+  """At the main process's exit, after grain closed the iterators it still knew of: a worker
+  left running (its iterator dropped unclosed) is killed, since the SIGTERM of multiprocessing's
+  own exit, which it ignores, would leave the exit waiting for it forever."""
+  for p in multiprocessing.active_children():
+    if p.name.startswith(_WORKER_PREFIX) and p.is_alive():
+      p.kill()
+      p.join(5)
+
+
+def _guard_exit() -> None:
+  if not _exit_guard:
+    # exitpriority 0: after grain's own closing finalizers (1), before multiprocessing
+    # terminates and joins the remaining children.
+    _exit_guard.append(multiprocessing.util.Finalize(None, _stop_leftover_workers,
+                                                     exitpriority=0))
+
+
 class _BatchIterator(grain.DatasetIterator):
   """Iterates `batches[next_batch:]` through grain's prefetching.
 
   Its state is just the number of batches consumed. grain's own state for `mp_prefetch` is per
   worker, is rejected by an in-process iterator and is silently misread by one with a different
   worker count; a batch count restores exactly whatever `num_workers` the resumed run uses.
+  Worker processes ignore SIGINT/SIGTERM (see `_worker_init`).
   """
 
   def __init__(self, batches: grain.MapDataset, num_workers: int, prefetch: int):
@@ -217,7 +272,9 @@ class _BatchIterator(grain.DatasetIterator):
     if self._num_workers > 0:
       # grain reads its absl flags when it starts workers: outside an absl program they must
       # be marked parsed first (tools/cli.grain_workers_ready; tests: conftest).
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+      _guard_exit()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers),
+                          worker_init_fn=_worker_init)
     return iter(it)
 
   def __next__(self) -> dict:

@@ -3,7 +3,7 @@
 The layouts a backbone can load are its registry entry's `weight_formats` (`models/registry.py`;
 the name rules live with each backbone, e.g. `vit.timm_vit_rule`). A file's layout is recognised
 by a name only that layout has (`WeightFormat.anchor`), found with any key prefix ('module.',
-'opt/target/', ...). Missing or misshapen arrays raise a ValueError naming every such key with the
+'opt/target/', ...). Missing or misshapen arrays raise a WeightsError naming every such key with the
 expected and found shapes; the position embedding alone is resized (CLS token kept, token grid
 interpolated) when the image or patch grid differs. A file whose layout belongs to another
 backbone is an error naming both.
@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from eercl_jax.errors import WeightsError
 from eercl_jax.models import registry
 from eercl_jax.weights import readers
 from eercl_jax.weights.posemb import resize_pos_embedding
@@ -52,12 +53,12 @@ def detect_format(sd: Mapping[str, Any], formats: Mapping[str, WeightFormat],
           found.append((len(prefix), prefix, fmt_name))
   if not found:
     sample = ", ".join(sorted(sd)[:8])
-    raise ValueError(f"{where}: unknown weight layout: no name ends with any of "
-                     f"{sorted(f.anchor for f in formats.values())} (first names: {sample})")
+    raise WeightsError(f"{where}: unknown weight layout: no name ends with any of "
+                       f"{sorted(f.anchor for f in formats.values())} (first names: {sample})")
   found.sort()
   best = [f for f in found if f[0] == found[0][0]]
   if len({f[2] for f in best}) > 1:
-    raise ValueError(f"{where}: ambiguous layout, matches {sorted({f[2] for f in best})}")
+    raise WeightsError(f"{where}: ambiguous layout, matches {sorted({f[2] for f in best})}")
   _, prefix, fmt_name = found[0]
   return fmt_name, prefix
 
@@ -107,8 +108,8 @@ def convert_arrays(sd: dict[str, np.ndarray], expected: dict[Path, tuple], rule:
     values[path] = value
   if missing or bad:
     lines = ([f"missing: {m}" for m in missing] + [f"mismatched: {b}" for b in bad])
-    raise ValueError(f"{where}: {len(missing)} missing and {len(bad)} mismatched arrays "
-                     "(wrong architecture/size, or a truncated file):\n  " + "\n  ".join(lines))
+    raise WeightsError(f"{where}: {len(missing)} missing and {len(bad)} mismatched arrays "
+                       "(wrong architecture/size, or a truncated file):\n  " + "\n  ".join(lines))
   return values, used, resized
 
 
@@ -133,12 +134,12 @@ def convert_backbone(sd: dict[str, np.ndarray], backbone: str, backbone_variable
     fmt, found_prefix = detect_format(sd, {n: f for n, (_, f) in known.items()}, where)
     prefix = found_prefix if prefix is None else prefix
     if fmt not in formats:
-      raise ValueError(f"{where}: holds {fmt} weights (a {known[fmt][0]!r} backbone), which do "
-                       f"not fit config.model.backbone={backbone!r} (expected one of "
-                       f"{list(formats)})")
+      raise WeightsError(f"{where}: holds {fmt} weights (a {known[fmt][0]!r} backbone), which do "
+                         f"not fit config.model.backbone={backbone!r} (expected one of "
+                         f"{list(formats)})")
   elif fmt not in formats:
-    raise ValueError(f"{where}: layout {fmt!r} does not fit config.model.backbone={backbone!r} "
-                     f"(expected one of {list(formats)})")
+    raise WeightsError(f"{where}: layout {fmt!r} does not fit config.model.backbone={backbone!r} "
+                       f"(expected one of {list(formats)})")
   prefix = prefix or ""
   layout = formats[fmt]
   sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -146,9 +147,9 @@ def convert_backbone(sd: dict[str, np.ndarray], backbone: str, backbone_variable
   values, used, resized = convert_arrays(sub, expected, layout.rule, where, resize_method)
   unexpected = sorted(k for k in sub if k not in used and not layout.ignorable(k))
   if unexpected:
-    raise ValueError(f"{where}: {len(unexpected)} arrays of the {fmt} file have no place in the "
-                     f"model (deeper or different architecture?): {', '.join(unexpected[:20])}"
-                     + (" ..." if len(unexpected) > 20 else ""))
+    raise WeightsError(f"{where}: {len(unexpected)} arrays of the {fmt} file have no place in the "
+                       f"model (deeper or different architecture?): {', '.join(unexpected[:20])}"
+                       + (" ..." if len(unexpected) > 20 else ""))
   ignored = sorted(prefix + k for k in sub if k not in used)
   ignored += sorted(k for k in sd if not k.startswith(prefix))
   report = {"format": fmt, "prefix": prefix, "loaded": sorted("/".join(p) for p in values),

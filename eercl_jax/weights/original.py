@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import logging
 
+from eercl_jax.errors import WeightsError
 from eercl_jax.models import registry
 from eercl_jax.weights import convert, readers, rules
 from eercl_jax.weights.rules import Path, Rule
@@ -76,8 +77,8 @@ def ignorable(backbone: str) -> Callable[[str], bool]:
 def base_model_state_dict(raw: Any, where: str) -> tuple[dict[str, np.ndarray], int | None]:
   """(online/teacher state dict without the DDP 'module.' prefix, the scheduler's iteration)."""
   if not isinstance(raw, dict):
-    raise ValueError(f"{where}: holds a {type(raw).__name__}, expected the original's checkpoint "
-                     "dict")
+    raise WeightsError(f"{where}: holds a {type(raw).__name__}, expected the original's checkpoint "
+                       "dict")
   step = None
   if "base_model" in raw:
     sd = raw["base_model"]
@@ -87,8 +88,8 @@ def base_model_state_dict(raw: Any, where: str) -> tuple[dict[str, np.ndarray], 
   elif any("online_network." in str(k) for k in raw):
     sd = raw
   else:
-    raise ValueError(f"{where}: no 'base_model' entry and no online_network.* keys (entries: "
-                     f"{sorted(map(str, raw))[:10]})")
+    raise WeightsError(f"{where}: no 'base_model' entry and no online_network.* keys (entries: "
+                       f"{sorted(map(str, raw))[:10]})")
   sd = {str(k): v for k, v in sd.items() if isinstance(v, np.ndarray)}
   if sd and all(k.startswith("module.") for k in sd):
     sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -129,8 +130,8 @@ def convert_original(sd: dict[str, np.ndarray], backbone: str, expected: dict[Pa
   skip = ignorable(backbone)
   unexpected = sorted(k for k in sd if k not in used and not skip(k))
   if unexpected:
-    raise ValueError(f"{where}: {len(unexpected)} arrays have no place in a {backbone} EERCL model "
-                     f"(other architecture or sizes?): {', '.join(unexpected[:20])}")
+    raise WeightsError(f"{where}: {len(unexpected)} arrays have no place in a {backbone} EERCL "
+                       f"model (other architecture or sizes?): {', '.join(unexpected[:20])}")
   teacher_diff = sorted(k for k in sd if k.startswith(TEACHER_PREFIXES)
                         and (o := "online_" + k[len("target_"):]) in sd
                         and not np.array_equal(sd[k], sd[o]))

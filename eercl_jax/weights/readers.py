@@ -7,7 +7,8 @@
                 bfloat16 (the same bits): numpy resolves the name 'bfloat16' once ml_dtypes is
                 imported, which this module does.
 
-Damaged files raise a ValueError naming the file (and saying "truncated or corrupt").
+Damaged files raise a `WeightsError` (a user mistake: one line, exit code 2) naming the file
+(and saying "truncated or corrupt").
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import safetensors.numpy
 from absl import logging
 
+from eercl_jax.errors import WeightsError
 from eercl_jax.weights import torch_pickle
 from eercl_jax.weights.torch_pickle import BFLOAT16, DisallowedGlobalError  # noqa: F401
 
@@ -30,24 +32,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return dict(safetensors.numpy.load_file(path))
   except Exception as e:  # SafetensorError (bad header, short file), TypeError/AttributeError
     # (a dtype numpy has no name for, e.g. F8): all mean the file cannot be used as is.
-    raise ValueError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); "
-                     "truncated or corrupt file, or an unsupported dtype?") from e
+    raise WeightsError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); "
+                       "truncated or corrupt file, or an unsupported dtype?") from e
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as z:
       if not hasattr(z, "files"):
-        raise ValueError("a single .npy array, not an .npz archive")
+        raise WeightsError("a single .npy array, not an .npz archive")
       return {k: z[k] for k in z.files}
   except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error) as e:
-    raise ValueError(f"{path}: not a readable .npz archive ({e}); truncated or corrupt "
-                     "file?") from e
+    raise WeightsError(f"{path}: not a readable .npz archive ({e}); truncated or corrupt "
+                       "file?") from e
 
 
 def read_checkpoint(path: str) -> Any:
   """The object stored in `path` with every tensor as a numpy array (a dict for .npz and
   .safetensors; whatever was `torch.save`d - typically nested dicts - for .pth/.bin)."""
+  try:
+    return _read_checkpoint(path)
+  except WeightsError:
+    raise
+  except ValueError as e:   # the unpickler's, which name the file: a damaged file
+    raise WeightsError(str(e)) from e
+
+
+def _read_checkpoint(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
   ext = os.path.splitext(path)[1].lower()
@@ -62,17 +73,17 @@ def read_checkpoint(path: str) -> Any:
       with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise ValueError(f"{path}: not a readable zip archive ({e}); truncated or corrupt "
-                       "file?") from e
+      raise WeightsError(f"{path}: not a readable zip archive ({e}); truncated or corrupt "
+                         "file?") from e
     if torch_pickle.is_torch_zip(names):
       return torch_pickle.read_torch(path)
     if names and all(n.endswith(".npy") for n in names):
       return read_npz(path)
-    raise ValueError(f"{path}: zip archive is neither a torch checkpoint nor an .npz")
+    raise WeightsError(f"{path}: zip archive is neither a torch checkpoint nor an .npz")
   if magic[:1] == b"\x80":   # a pickle: the legacy torch format
     return torch_pickle.read_torch(path)
   if ext in (".pth", ".pt", ".bin", ".ckpt"):
-    raise ValueError(f"{path}: not a torch checkpoint (neither zip nor pickle)")
+    raise WeightsError(f"{path}: not a torch checkpoint (neither zip nor pickle)")
   return read_safetensors(path)
 
 
@@ -105,10 +116,10 @@ def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
   """
   obj = read_checkpoint(path)
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
   if key is not None:
     if key not in obj:
-      raise ValueError(f"{path}: has no entry {key!r} (entries: {sorted(map(str, obj))})")
+      raise WeightsError(f"{path}: has no entry {key!r} (entries: {sorted(map(str, obj))})")
     obj = obj[key]
   elif not all(_is_array(v) for v in obj.values()):
     for cand in _STATE_DICT_KEYS:
@@ -118,5 +129,5 @@ def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
         break
   sd = _flatten_arrays(obj)
   if not sd:
-    raise ValueError(f"{path}: holds no arrays")
+    raise WeightsError(f"{path}: holds no arrays")
   return {str(k): v for k, v in sd.items()}

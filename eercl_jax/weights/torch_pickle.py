@@ -26,6 +26,8 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from eercl_jax.errors import WeightsError
+
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)   # what jnp.bfloat16 is; numpy understands it
 
 _STORAGE_DTYPES = {
@@ -160,7 +162,7 @@ def _fresh_function(fn):
   return call
 
 
-class DisallowedGlobalError(ValueError):
+class DisallowedGlobalError(WeightsError):
   """A pickle in a checkpoint file references a global outside the allowed set."""
 
 
