@@ -22,6 +22,7 @@ import pytest
 from configs import demo_adapt
 from eercl_jax import parallel, train_adapt
 from eercl_jax.models import eercl
+from tests import method_reference as ref_lib
 from tests.conftest import assert_trees_close as _close, random_variables, torch_sgd
 
 W, B = 2, 4            # GPUs of the original, images per GPU
@@ -36,18 +37,13 @@ SIZE = 16              # image side
 # set-up
 
 def _model(backbone):
-  if backbone == "resnet":   # BN inside the backbone as well as in the head
-    return eercl.EERCLModel("resnet", size="mu", feat_dim=D, num_classes=C, dropout=0.0)
-  return eercl.EERCLModel("vit", size="mu/8", bottleneck_dim=16, width=16, feat_dim=D,
-                          num_classes=C, dropout=0.0)
+  return ref_lib.tiny_model(backbone, feat_dim=D, num_classes=C)
 
 
 def _config(backbone):
   c = demo_adapt.get_config()
-  c.model.backbone, c.model.feat_dim, c.model.num_classes = backbone, D, C
-  c.model.size = "mu" if backbone == "resnet" else "mu/8"
-  c.model.bottleneck_dim = c.model.width = 16   # = _model(backbone): the build makes the same
-  c.model.dropout = 0.0
+  # = _model(backbone): the build makes the same network
+  ref_lib.set_tiny_model(c.model, backbone, feat_dim=D, num_classes=C)
   c.batch_size, c.bn_group_size, c.virtual_devices = BG, B, W
   c.num_steps = 4                        # the AaD dispersion decay then differs between steps
   a = c.adapt
@@ -70,55 +66,25 @@ def _batch(rs, indices):
               label=rs.randint(0, C, BG).astype(np.int32))
 
 
-def _softmax(x):
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
 def _known_banks(banks, rs):
   """Deterministic, known bank contents in place of the initial ones (the relation matrix that
   create_state computed from the classifier is kept: the reference reads it from the state)."""
-  f = rs.randn(N, D)
+  aad = ref_lib.random_banks(rs, N, D, C)      # unit features, softmax scores
   return banks.replace(
-      aad_feat=jnp.asarray(f / np.linalg.norm(f, axis=1, keepdims=True), jnp.float32),
-      aad_score=jnp.asarray(_softmax(2 * rs.randn(N, C)), jnp.float32),
+      aad_feat=aad.feat, aad_score=aad.score,
       prototypes=jnp.asarray(rs.randn(C, D), jnp.float32),
-      neg_weak=jnp.asarray(_softmax(2 * rs.randn(M, C)), jnp.float32),
-      neg_strong=jnp.asarray(_softmax(2 * rs.randn(M, C)), jnp.float32))
+      neg_weak=jnp.asarray(ref_lib.softmax(2 * rs.randn(M, C)), jnp.float32),
+      neg_strong=jnp.asarray(ref_lib.softmax(2 * rs.randn(M, C)), jnp.float32))
 
 
 # ------------------------------------------------------------------------------------------------
 # the reference: the original's per-GPU computation
 
-def _np(tree):
-  return jax.tree_util.tree_map(lambda x: np.array(x, np.float64), tree)
-
-
-def _f32(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
-
-
-def _normalize(images, config):
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-  return (images.astype(np.float32) - mean) / std
-
-
 def _gpu_input(batch, config, r):
   """GPU r's network input: its own rows of each view, concatenated [s1_r; s2_r; w_r]."""
   rows = slice(r * B, (r + 1) * B)
-  return np.concatenate([_normalize(batch[k][rows], config)
+  return np.concatenate([ref_lib.normalize_images(batch[k][rows], config)
                          for k in ("strong1", "strong2", "weak")])
-
-
-def _forward_fn(model, params, batch_stats, x):
-  """One GPU's train-mode forward: plain BN over its own rows (bn_groups=1)."""
-  (feat, logits), new = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                    train=True, bn_groups=1, mutable=["batch_stats"])
-  return feat, logits, new["batch_stats"]
-
-
-_forward = jax.jit(_forward_fn, static_argnums=0)
 
 
 def _mean_stats(per_gpu):
@@ -136,10 +102,6 @@ class _LossSettings(typing.NamedTuple):
   nce_temp: float
 
 
-def _l2n(x):
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def _ref_teacher(model, ref, batch, config):
   """EMA, then the teacher forward with shuffle-BN. Returns (teacher params, teacher stats,
   q_s1, q_s2, q_w, normalised weak features), each (BG, ...) in rank-major order."""
@@ -154,26 +116,27 @@ def _ref_teacher(model, ref, batch, config):
   shuffled = t_in[perm]
   feats, logits, stats = [], [], []
   for g in range(W):             # GPU g normalises its slice of the shuffled batch
-    f, l, s = _forward(model, _f32(teacher), _f32(ref["teacher_stats"]),
-                       shuffled[g * 3 * B:(g + 1) * 3 * B])
+    f, l, s = ref_lib.train_forward_jit(model, ref_lib.float32_tree(teacher),
+                                        ref_lib.float32_tree(ref["teacher_stats"]),
+                                        shuffled[g * 3 * B:(g + 1) * 3 * B])
     feats.append(np.asarray(f, np.float64))
     logits.append(np.asarray(l, np.float64))
     stats.append(s)
   feat, logit = np.empty((W * 3 * B, D)), np.empty((W * 3 * B, C))
   feat[perm], logit[perm] = np.concatenate(feats), np.concatenate(logits)    # un-shuffle
-  prob = _softmax(logit)
+  prob = ref_lib.softmax(logit)
 
   def view(x, v):  # rank-major global rows of view v (0: s1, 1: s2, 2: w)
     return np.concatenate([x[r * 3 * B + v * B: r * 3 * B + (v + 1) * B] for r in range(W)])
 
   return (teacher, _mean_stats(stats), view(prob, 0), view(prob, 1), view(prob, 2),
-          _l2n(view(feat, 2)))
+          ref_lib.l2_normalize(view(feat, 2)))
 
 
 def _gpu_loss(model, a, params, stats, x, r, lam_t, p_w_gathered, s_near, protos, q_s1_r,
               q_s2_r, q_w_r, mask_r, neg_weak, neg_strong, rel):
   """The loss of GPU r of the original, on its own rows only (`a`: the loss settings)."""
-  feat, logits, new_stats = _forward_fn(model, params, stats, x)
+  feat, logits, new_stats = ref_lib.train_forward(model, params, stats, x)
   p = jax.nn.softmax(logits)
   p_s1, p_s2, p_w = p[:B], p[B:2 * B], p[2 * B:]
   # AaD on the gathered batch: only this GPU's rows carry gradient.
@@ -225,12 +188,13 @@ def _ref_step(model, ref, batch, config):
   relation = ref["relation"]
   lam_t = (1.0 + 10.0 * step / config.num_steps) ** (-a.aad_decay_power)
 
-  params32, stats32 = _f32(ref["params"]), _f32(ref["stats"])
+  params32, stats32 = ref_lib.float32_tree(ref["params"]), ref_lib.float32_tree(ref["stats"])
   xs = [jnp.asarray(_gpu_input(batch, config, r)) for r in range(W)]
   # Every GPU's weak probabilities, as the all-gather sees them (the other GPUs' rows are
   # constants here: their gradient flows on their own GPU, and DDP averages).
-  p_w_all = np.concatenate([np.asarray(jax.nn.softmax(_forward(model, params32, stats32, x)[1]),
-                                       np.float64)[2 * B:] for x in xs])
+  p_w_all = np.concatenate([
+      np.asarray(jax.nn.softmax(ref_lib.train_forward_jit(model, params32, stats32, x)[1]),
+                 np.float64)[2 * B:] for x in xs])
 
   hp = _LossSettings(lambda_aad=a.aad_weight, lambda_fixmatch=a.class_contrast_weight,
                      lambda_nce=a.instance_nce_weight, fixmatch_temp=a.class_contrast_temp,
@@ -243,7 +207,7 @@ def _ref_step(model, ref, batch, config):
                            f32(s_near), f32(ref["prototypes"]), f32(q_s1[rows]),
                            f32(q_s2[rows]), f32(q_w[rows]), f32(mask[rows]),
                            f32(ref["neg_weak"]), f32(ref["neg_strong"]), f32(relation))
-    grads.append(_np(g))
+    grads.append(ref_lib.float64_tree(g))
     stats.append(s)
     terms.append([np.asarray(v) for v in t])
   # DDP: the gradient is the mean over GPUs (the global AaD loss thus counts 1/W per GPU,
@@ -290,14 +254,15 @@ def test_two_adapt_steps_match_the_per_gpu_original(backbone):
   state = jax.device_put(built.state.replace(banks=_known_banks(built.state.banks, rs)),
                          built.shardings)
   state0 = jax.device_get(state)
-  src = _np(state0.params)
+  src = ref_lib.float64_tree(state0.params)
 
   perm = rs.permutation(N)
   batches = [_batch(rs, perm[:BG]), _batch(rs, perm[BG:2 * BG])]
 
   ref = dict(step=0, rng=state0.rng, params=src, buf=jax.tree_util.tree_map(np.zeros_like, src),
-             stats=_np(state0.batch_stats), teacher=_np(state0.teacher_params),
-             teacher_stats=_np(state0.teacher_batch_stats),
+             stats=ref_lib.float64_tree(state0.batch_stats),
+             teacher=ref_lib.float64_tree(state0.teacher_params),
+             teacher_stats=ref_lib.float64_tree(state0.teacher_batch_stats),
              **{k: np.array(getattr(state0.banks, k), np.float64)
                 for k in ("aad_feat", "aad_score", "prototypes", "relation", "neg_weak",
                           "neg_strong")},
@@ -336,9 +301,9 @@ def test_two_adapt_steps_match_the_per_gpu_original(backbone):
                              state0.params[scope])
       continue
     lr = info1["lr"] * o.lr_mult[group]
-    got_grad = jax.tree_util.tree_map(
-        lambda new, old: (np.float64(old) - np.float64(new)) / (lr * (1 + o.momentum))
-        - o.weight_decay * np.float64(old), state1.params[scope], state0.params[scope])
+    got_grad = ref_lib.grad_from_first_sgd_step(state1.params[scope], state0.params[scope],
+                                                lr=lr, momentum=o.momentum,
+                                                weight_decay=o.weight_decay)
     _close(got_grad, info1["grad"][scope], what=f"grad {scope}")
   _close(state1.params, ref1["params"], what="params after step 1 ")
   _close(state1.batch_stats, ref1["stats"], what="online batch_stats ")

@@ -13,21 +13,16 @@ The reference shares only the network's forward (`model.apply` in train mode ove
 on a copy of the model with its dropout rate set to 0) and its input normalisation; each BN
 layer's input is captured by interception and its statistics computed here in float64.
 """
-import os
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import adapt as adapt_configs
 from configs import demo_adapt
 from eercl_jax import parallel, train_adapt
 from eercl_jax.data import lists, pipelines
-from eercl_jax.models import eercl
-from eercl_jax.models.layers import GroupedBatchNorm
+from tests import method_reference as ref_lib
 from tests.conftest import assert_trees_close, random_variables
 
 N = 20                 # target images
@@ -39,18 +34,12 @@ DROPOUT = 0.5          # the ViT head's dropout: the pass must switch it off
 
 
 def _model(backbone):
-  if backbone == "resnet":
-    return eercl.EERCLModel("resnet", size="mu", feat_dim=D, num_classes=C, dropout=DROPOUT)
-  return eercl.EERCLModel("vit", size="mu/8", bottleneck_dim=16, width=16, feat_dim=D,
-                          num_classes=C, dropout=DROPOUT)
+  return ref_lib.tiny_model(backbone, feat_dim=D, num_classes=C, dropout=DROPOUT)
 
 
 def _config(backbone, method):
   c = demo_adapt.get_config()
-  m = c.model
-  m.backbone, m.feat_dim, m.num_classes, m.dropout = backbone, D, C, DROPOUT
-  m.size = "mu" if backbone == "resnet" else "mu/8"
-  m.bottleneck_dim = m.width = 16
+  ref_lib.set_tiny_model(c.model, backbone, feat_dim=D, num_classes=C, dropout=DROPOUT)
   c.batch_size = B
   c.data.resize = c.data.crop = SIZE         # the test view is then the image itself
   c.adabn.batch_size = PASS_BATCH
@@ -58,38 +47,17 @@ def _config(backbone, method):
   return c
 
 
-def _normalize(images, config):
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-  return (images.astype(np.float32) - mean) / std
-
-
 def _target_list(root, rs):
   """N tiny PNGs and their list; returns the images in list order."""
-  os.makedirs(os.path.join(root, "img"))
-  images = rs.randint(0, 256, (N, SIZE, SIZE, 3)).astype(np.uint8)
-  rows = []
-  for i, img in enumerate(images):
-    Image.fromarray(img).save(os.path.join(root, "img", f"{i:03d}.png"))
-    rows.append(f"img/{i:03d}.png {rs.randint(0, C)}")
-  with open(os.path.join(root, "list.txt"), "w") as f:
-    f.write("\n".join(rows) + "\n")
+  images = ref_lib.random_images(rs, N, SIZE)
+  ref_lib.write_target_list(root, images, rs, C)
   return images
 
 
 def _bn_inputs(model, variables, x):
   """{BN layer path: its input} of one train-mode forward (one BN group)."""
-  inputs = {}
-
-  def capture(next_fun, args, kwargs, context):
-    if isinstance(context.module, GroupedBatchNorm) and context.method_name == "__call__":
-      inputs[tuple(context.module.path)] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(capture):
-    model.apply(variables, x, train=True, bn_groups=1, mutable=["batch_stats"],
-                rngs={"dropout": jax.random.PRNGKey(1)})
-  return inputs
+  return ref_lib.train_forward_with_bn_inputs(model, variables, x,
+                                              rngs={"dropout": jax.random.PRNGKey(1)})[1]
 
 
 def _reference_adabn(model, variables, images, config):
@@ -99,7 +67,7 @@ def _reference_adabn(model, variables, images, config):
   forward = jax.jit(_bn_inputs, static_argnums=0)
   per_batch = []
   for start in range(0, len(images), PASS_BATCH):   # the test loader: list order, no drop_last
-    x = jnp.asarray(_normalize(images[start:start + PASS_BATCH], config))
+    x = jnp.asarray(ref_lib.normalize_images(images[start:start + PASS_BATCH], config))
     per_batch.append(jax.device_get(forward(no_dropout, variables, x)))
   assert [len(next(iter(b.values()))) for b in per_batch] == [8, 8, 4]
   stats = {}
@@ -139,7 +107,7 @@ def test_adabn_statistics_match_pytorch_cumulative_average(backbone, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, state0.params)
 
   # The steps leave the model as it is.
-  batch = dict(image=rs.randint(0, 256, (B, SIZE, SIZE, 3)).astype(np.uint8),
+  batch = dict(image=ref_lib.random_images(rs, B, SIZE),
                index=np.arange(B, dtype=np.int32), label=np.zeros(B, np.int32))
   after, _ = built.step(jax.device_put(state, built.shardings), parallel.shard_batch(batch, mesh))
   after = jax.device_get(after)
@@ -160,7 +128,7 @@ def test_source_only_steps_leave_the_source_model(backbone):
   state0 = jax.device_get(built.state)
   state = built.state
   for _ in range(2):
-    batch = {k: rs.randint(0, 256, (B, SIZE, SIZE, 3)).astype(np.uint8)
+    batch = {k: ref_lib.random_images(rs, B, SIZE)
              for k in pipelines.view_keys(built.method.views)}
     batch.update(index=np.arange(B, dtype=np.int32), label=np.zeros(B, np.int32))
     state, metrics = built.step(state, parallel.shard_batch(batch, mesh))

@@ -15,6 +15,7 @@ import pytest
 from configs import demo_adapt
 from eercl_jax import parallel, train_adapt
 from eercl_jax.models import eercl
+from tests import method_reference as ref_lib
 from tests.conftest import random_variables
 
 W, B = 2, 4            # virtual devices (BN groups), images per group
@@ -41,10 +42,7 @@ TERMS = {
 
 def _config(**weights):
   c = demo_adapt.get_config()
-  m = c.model
-  m.backbone, m.size, m.feat_dim, m.num_classes, m.dtype, m.dropout = (
-      "vit", "mu/8", D, C, "float32", 0.0)
-  m.bottleneck_dim = m.width = 16
+  ref_lib.set_tiny_model(c.model, "vit", feat_dim=D, num_classes=C)
   c.batch_size, c.bn_group_size, c.virtual_devices = BG, B, W
   c.num_steps = 4
   a = c.adapt
@@ -54,11 +52,6 @@ def _config(**weights):
   a.shard_banks = False
   a.update(weights)
   return c
-
-
-def _softmax(x):
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
 
 
 def _name(path):
@@ -104,8 +97,9 @@ def _setup(rs):
   variables = jax.device_get(random_variables(eercl.create_model(config.model), rs, SIZE))
   f = rs.randn(N, D)
   known = dict(aad_feat=f / np.linalg.norm(f, axis=1, keepdims=True),
-               aad_score=_softmax(2 * rs.randn(N, C)), prototypes=rs.randn(C, D),
-               neg_weak=_softmax(2 * rs.randn(M, C)), neg_strong=_softmax(2 * rs.randn(M, C)))
+               aad_score=ref_lib.softmax(2 * rs.randn(N, C)), prototypes=rs.randn(C, D),
+               neg_weak=ref_lib.softmax(2 * rs.randn(M, C)),
+               neg_strong=ref_lib.softmax(2 * rs.randn(M, C)))
   img = lambda: rs.randint(0, 256, (BG, SIZE, SIZE, 3)).astype(np.uint8)
   batch = dict(weak=img(), strong1=img(), strong2=img(),
                index=rs.permutation(N)[:BG].astype(np.int32),

@@ -21,22 +21,18 @@ torch_sgd` with the authors' groups), the BN running statistics from each BN lay
 `obtain_label` in float64 numpy. This project's head stack stands for netB: every parameter
 between the backbone and the classifier (docs/deviations.md#shot).
 """
-import os
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import adapt as adapt_configs
 from configs import demo_adapt
 from eercl_jax import parallel, train_adapt
 from eercl_jax.data import lists
-from eercl_jax.models import eercl
-from eercl_jax.models.layers import GroupedBatchNorm
+from tests import method_reference as ref_lib
 from tests.conftest import assert_trees_close, random_variables, torch_sgd
 
 B = 8                  # images per step: one BN group, as the authors' single GPU
@@ -55,18 +51,12 @@ SGD = types.SimpleNamespace(lr_mult={"netF": 0.1, "netB": 1.0}, weight_decay=WD,
 
 
 def _model(backbone):
-  if backbone == "resnet":
-    return eercl.EERCLModel("resnet", size="mu", feat_dim=D, num_classes=C, dropout=0.0)
-  return eercl.EERCLModel("vit", size="mu/8", bottleneck_dim=16, width=16, feat_dim=D,
-                          num_classes=C, dropout=0.0)
+  return ref_lib.tiny_model(backbone, feat_dim=D, num_classes=C)
 
 
 def _config(backbone):
   c = demo_adapt.get_config()
-  m = c.model
-  m.backbone, m.feat_dim, m.num_classes, m.dropout = backbone, D, C, 0.0
-  m.size = "mu" if backbone == "resnet" else "mu/8"
-  m.bottleneck_dim = m.width = 16
+  ref_lib.set_tiny_model(c.model, backbone, feat_dim=D, num_classes=C)
   c.batch_size, c.num_steps = B, T
   c.data.resize = c.data.crop = SIZE         # the test view is then the image itself
   c.adapt.refresh_batch_size = 16            # N = 40: the pass's last batch is padded
@@ -75,41 +65,13 @@ def _config(backbone):
   return c
 
 
-def _np(tree):
-  return jax.tree_util.tree_map(lambda x: np.array(x, np.float64), tree)
-
-
-def _f32(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
-
-
-def _normalize(images, config):
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-  return (images.astype(np.float32) - mean) / std
-
-
-def _softmax(z):
-  z = np.asarray(z, np.float64)
-  e = np.exp(z - z.max(1, keepdims=True))
-  return e / e.sum(1, keepdims=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # the step
 
 def _loss(model, params, batch_stats, x, labels):
   """The authors' loss on one train-mode forward, and every BN layer's input ({path: x})."""
-  inputs = {}
-
-  def capture(next_fun, args, kwargs, context):
-    if isinstance(context.module, GroupedBatchNorm) and context.method_name == "__call__":
-      inputs[tuple(context.module.path)] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(capture):
-    _, logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                            bn_groups=1, mutable=["batch_stats"])[0]
+  (_, logits), inputs = ref_lib.train_forward_with_bn_inputs(
+      model, {"params": params, "batch_stats": batch_stats}, x)
   p = jax.nn.softmax(logits, 1)
   ce = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits, 1), labels[:, None], 1))
   ent = jnp.mean(-jnp.sum(p * jnp.log(p + 1e-5), 1))             # loss.Entropy, eps hard-coded
@@ -121,35 +83,19 @@ def _loss(model, params, batch_stats, x, labels):
 _ref_grad = jax.jit(jax.value_and_grad(_loss, argnums=1, has_aux=True), static_argnums=0)
 
 
-def _at(tree, path):
-  for k in path:
-    tree = tree[getattr(k, "key", k)]
-  return tree
-
-
-def _ref_running_stats(stats, bn_inputs):
-  """PyTorch's BN update from each layer's input: 0.9 old + 0.1 (mean, unbiased variance)."""
-  new = jax.tree_util.tree_map(np.copy, stats)
-  for path, x in bn_inputs.items():
-    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    old, out = _at(stats, path), _at(new, path)
-    out["mean"] = 0.9 * old["mean"] + 0.1 * x.mean(0)
-    out["var"] = 0.9 * old["var"] + 0.1 * x.var(0, ddof=1)
-  return new
-
-
 def _ref_step(model, ref, batch, pseudo_labels, config):
   """One iteration of the authors' train_target; `ref` holds float64 trees and torch's buffers."""
   it = ref["it"] + 1                                              # iter_num += 1, then the lr
   lr = LR * (1 + GAMMA * it / T) ** -POWER
-  (loss, bn_inputs), grad = _ref_grad(model, _f32(ref["params"]), _f32(ref["stats"]),
-                                      jnp.asarray(_normalize(batch["image"], config)),
-                                      jnp.asarray(pseudo_labels[batch["index"]]))
-  grad = _np(grad)
+  (loss, bn_inputs), grad = _ref_grad(
+      model, ref_lib.float32_tree(ref["params"]), ref_lib.float32_tree(ref["stats"]),
+      jnp.asarray(ref_lib.normalize_images(batch["image"], config)),
+      jnp.asarray(pseudo_labels[batch["index"]]))
+  grad = ref_lib.float64_tree(grad)
   params, buf = torch_sgd(ref["params"], grad, ref["buf"], lr=lr, optim=SGD, group_of=NET,
                           frozen=("netC",))
   new = dict(it=it, params=params, buf=buf,
-             stats=_ref_running_stats(ref["stats"], jax.device_get(bn_inputs)))
+             stats=ref_lib.torch_bn_running_stats(ref["stats"], jax.device_get(bn_inputs)))
   return new, types.SimpleNamespace(loss=float(loss), grad=grad, lr=lr)
 
 
@@ -179,21 +125,21 @@ def test_two_shot_steps_match_the_authors(backbone):
   state0 = jax.device_get(state)
 
   perm = rs.permutation(N)
-  batches = [dict(image=rs.randint(0, 256, (B, SIZE, SIZE, 3)).astype(np.uint8),
-                  index=perm[i * B:(i + 1) * B].astype(np.int32),
-                  label=rs.randint(0, C, B).astype(np.int32)) for i in range(2)]
+  batches = [ref_lib.image_batch(rs, perm[i * B:(i + 1) * B], SIZE, C) for i in range(2)]
   out, m1 = built.step(state, parallel.shard_batch(batches[0], mesh))
   state1 = jax.device_get(out)
   state2, m2 = jax.device_get(built.step(out, parallel.shard_batch(batches[1], mesh)))
 
-  src = _np(state0.params)
-  ref1, info1 = _ref_step(model, dict(it=0, params=src, stats=_np(state0.batch_stats),
+  src = ref_lib.float64_tree(state0.params)
+  ref1, info1 = _ref_step(model, dict(it=0, params=src,
+                                      stats=ref_lib.float64_tree(state0.batch_stats),
                                       buf=jax.tree_util.tree_map(np.zeros_like, src)),
                           batches[0], pseudo, config)
   # Step 2 of the reference continues from the port's state after step 1 (checked below against
   # the reference's step 1) with the reference's momentum buffers.
-  ref2, info2 = _ref_step(model, dict(ref1, params=_np(state1.params),
-                                      stats=_np(state1.batch_stats)), batches[1], pseudo, config)
+  ref2, info2 = _ref_step(model, dict(ref1, params=ref_lib.float64_tree(state1.params),
+                                      stats=ref_lib.float64_tree(state1.batch_stats)),
+                          batches[1], pseudo, config)
 
   assert float(m1["train/loss"]) == pytest.approx(info1.loss, rel=1e-5)
   assert float(m2["train/loss"]) == pytest.approx(info2.loss, rel=1e-5)
@@ -208,13 +154,12 @@ def test_two_shot_steps_match_the_authors(backbone):
                                state0.params[scope])
       continue
     lr = info1.lr * SGD.lr_mult[NET[scope]]
-    got_grad = jax.tree_util.tree_map(
-        lambda new, old: (np.float64(old) - np.float64(new)) / (lr * (1 + MOMENTUM))
-        - WD * np.float64(old), state1.params[scope], state0.params[scope])
+    got_grad = ref_lib.grad_from_first_sgd_step(state1.params[scope], state0.params[scope],
+                                                lr=lr, momentum=MOMENTUM, weight_decay=WD)
     for path, g in jax.tree_util.tree_leaves_with_path(got_grad):
       name = scope + jax.tree_util.keystr(path)
-      want = _at(info1.grad[scope], path)
-      old = np.abs(np.float64(_at(state0.params[scope], path)))
+      want = ref_lib.at_path(info1.grad[scope], path)
+      old = np.abs(np.float64(ref_lib.at_path(state0.params[scope], path)))
       # float32 resolution of the parameter, seen through the division by lr_g (1 + momentum)
       # and float32 sums in the gradient (a few ulps of the tensor's largest entries)
       tol = (3e-4 * np.abs(want) + 2.0 ** -22 * old / (lr * (1 + MOMENTUM))
@@ -223,8 +168,8 @@ def test_two_shot_steps_match_the_authors(backbone):
       assert not bad.any(), f"grad {name}: got {g[bad][:4]} want {want[bad][:4]}"
   for got, want, prev, t in ((state1, ref1, state0, 1), (state2, ref2, state1, 2)):
     for path, p in jax.tree_util.tree_leaves_with_path(got.params):
-      _assert_update(f"step {t} {jax.tree_util.keystr(path)}", p, _at(prev.params, path),
-                     _at(want["params"], path))
+      _assert_update(f"step {t} {jax.tree_util.keystr(path)}", p,
+                     ref_lib.at_path(prev.params, path), ref_lib.at_path(want["params"], path))
     assert_trees_close(got.batch_stats, want["stats"], what=f"step {t}: batch_stats ")
 
 
@@ -237,7 +182,7 @@ def obtain_label(features, logits, threshold=0, ones=True, first_labelset=False)
   that the test data tells them apart: `ones=False` leaves out the column of ones,
   `first_labelset=True` keeps round 1's labelset in round 2 (a class emptied by round 1 then has
   a zero centroid, taken at cosine 0)."""
-  p = _softmax(logits)
+  p = ref_lib.softmax(logits)
   predict = p.argmax(1)
   f = np.asarray(features, np.float64)
   if ones:
@@ -280,16 +225,10 @@ def test_shot_obtain_label_recomputes_the_labelset():
 
 def _target_list(root, rs):
   """N tiny PNGs around a few base patterns (so the features cluster), and their list."""
-  os.makedirs(os.path.join(root, "img"))
   bases = rs.randint(0, 256, (4, SIZE, SIZE, 3))
   images = np.clip(bases[rs.randint(0, 4, N)] + rs.randint(-40, 41, (N, SIZE, SIZE, 3)), 0, 255)
   images = images.astype(np.uint8)
-  rows = []
-  for i, img in enumerate(images):
-    Image.fromarray(img).save(os.path.join(root, "img", f"{i:03d}.png"))
-    rows.append(f"img/{i:03d}.png {rs.randint(0, C)}")
-  with open(os.path.join(root, "list.txt"), "w") as f:
-    f.write("\n".join(rows) + "\n")
+  ref_lib.write_target_list(root, images, rs, C)
   return images
 
 
@@ -306,8 +245,9 @@ def _calibrated(model, variables, x):
                                                   jnp.zeros((len(x),), jnp.int32))
   for path, h in jax.device_get(bn_inputs).items():
     h = np.asarray(h).reshape(-1, h.shape[-1])
-    _at(stats, path)["mean"], _at(stats, path)["var"] = h.mean(0), h.var(0)
-  return dict(variables, batch_stats=_f32(stats))
+    node = ref_lib.at_path(stats, path)
+    node["mean"], node["var"] = h.mean(0), h.var(0)
+  return dict(variables, batch_stats=ref_lib.float32_tree(stats))
 
 
 @pytest.mark.parametrize("backbone", [pytest.param("resnet", marks=pytest.mark.slow), "vit"])
@@ -318,7 +258,7 @@ def test_shot_pseudo_labels_match_the_authors(backbone, tmp_path):
   images = _target_list(str(tmp_path), rs)
   target_list = lists.read_list(str(tmp_path / "list.txt"), str(tmp_path),
                                 config.data.class_names)
-  x = jnp.asarray(_normalize(images, config))
+  x = jnp.asarray(ref_lib.normalize_images(images, config))
   variables = _calibrated(model, random_variables(model, rs, SIZE), x)
   mesh = parallel.create_mesh(jax.devices()[:1])
   built = train_adapt.build(config, mesh, variables, N)

@@ -23,7 +23,6 @@ the running statistics after each step.
 import re
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +32,7 @@ import pytest
 from configs import adapt as adapt_configs
 from configs import demo_adapt
 from eercl_jax import parallel, train_adapt
-from eercl_jax.models import eercl
-from eercl_jax.models.layers import GroupedBatchNorm
+from tests import method_reference as ref_lib
 from tests.conftest import assert_trees_close, random_variables
 
 B = 8                  # images per step: one BN group, as the authors' single GPU
@@ -50,18 +48,12 @@ NOISE = 1e-6
 
 
 def _model(backbone):
-  if backbone == "resnet":
-    return eercl.EERCLModel("resnet", size="mu", feat_dim=D, num_classes=C, dropout=0.0)
-  return eercl.EERCLModel("vit", size="mu/8", bottleneck_dim=16, width=16, feat_dim=D,
-                          num_classes=C, dropout=0.0)
+  return ref_lib.tiny_model(backbone, feat_dim=D, num_classes=C)
 
 
 def _config(backbone):
   c = demo_adapt.get_config()
-  m = c.model
-  m.backbone, m.feat_dim, m.num_classes, m.dropout = backbone, D, C, 0.0
-  m.size = "mu" if backbone == "resnet" else "mu/8"
-  m.bottleneck_dim = m.width = 16
+  ref_lib.set_tiny_model(c.model, backbone, feat_dim=D, num_classes=C)
   c.batch_size, c.num_steps = B, 4
   adapt_configs.baseline(c, "tent")          # the authors' optimiser, BN over the whole batch
   assert c.bn_group_size == B
@@ -82,28 +74,10 @@ def _trained(path):
           and bool(_TRAINED_LAYER.match(keys[-2])))
 
 
-def _np(tree):
-  return jax.tree_util.tree_map(lambda x: np.array(x, np.float64), tree)
-
-
-def _normalize(images, config):
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
-  return (images.astype(np.float32) - mean) / std
-
-
 def _loss_and_bn_inputs(model, params, batch_stats, x):
   """The authors' loss on one train-mode forward, and every BN layer's input ({path: x})."""
-  inputs = {}
-
-  def capture(next_fun, args, kwargs, context):
-    if isinstance(context.module, GroupedBatchNorm) and context.method_name == "__call__":
-      inputs[tuple(context.module.path)] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(capture):
-    _, logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                            bn_groups=1, mutable=["batch_stats"])[0]
+  (_, logits), inputs = ref_lib.train_forward_with_bn_inputs(
+      model, {"params": params, "batch_stats": batch_stats}, x)
   loss = jnp.mean(-jnp.sum(jax.nn.softmax(logits, 1) * jax.nn.log_softmax(logits, 1), 1))
   return loss, (logits, inputs)
 
@@ -111,25 +85,12 @@ def _loss_and_bn_inputs(model, params, batch_stats, x):
 _ref_grad = jax.jit(jax.grad(_loss_and_bn_inputs, argnums=1, has_aux=True), static_argnums=0)
 
 
-def _ref_running_stats(stats, bn_inputs):
-  """PyTorch's BN update from each layer's input: 0.9 old + 0.1 (mean, unbiased variance)."""
-  new = jax.tree_util.tree_map(np.copy, stats)
-  for path, x in bn_inputs.items():
-    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    old, out = stats, new
-    for k in path:
-      old, out = old[k], out[k]
-    out["mean"] = 0.9 * old["mean"] + 0.1 * x.mean(0)
-    out["var"] = 0.9 * old["var"] + 0.1 * x.var(0, ddof=1)
-  return new
-
-
 def _ref_step(model, ref, images, config):
   """One step of the authors' Tent; `ref` holds float64 numpy trees and Adam's state."""
-  f32 = lambda t: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), t)
-  grad, (logits, bn_inputs) = _ref_grad(model, f32(ref["params"]), f32(ref["stats"]),
-                                        jnp.asarray(_normalize(images, config)))
-  grad = _np(grad)
+  grad, (logits, bn_inputs) = _ref_grad(model, ref_lib.float32_tree(ref["params"]),
+                                        ref_lib.float32_tree(ref["stats"]),
+                                        jnp.asarray(ref_lib.normalize_images(images, config)))
+  grad = ref_lib.float64_tree(grad)
   z = np.asarray(logits, np.float64)
   z = z - z.max(1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -148,7 +109,7 @@ def _ref_step(model, ref, images, config):
   pick = lambda i: jax.tree_util.tree_map(lambda o: o[i], out,
                                           is_leaf=lambda o: isinstance(o, tuple))
   new = dict(t=t, params=pick(0), m=pick(1), v=pick(2),
-             stats=_ref_running_stats(ref["stats"], jax.device_get(bn_inputs)))
+             stats=ref_lib.torch_bn_running_stats(ref["stats"], jax.device_get(bn_inputs)))
   return new, types.SimpleNamespace(loss=loss, grad=grad)
 
 
@@ -180,21 +141,21 @@ def test_two_tent_steps_match_the_authors(backbone):
   state0 = jax.device_get(built.state)
 
   perm = rs.permutation(N)
-  batches = [dict(image=rs.randint(0, 256, (B, SIZE, SIZE, 3)).astype(np.uint8),
-                  index=perm[i * B:(i + 1) * B].astype(np.int32),
-                  label=rs.randint(0, C, B).astype(np.int32)) for i in range(2)]
+  batches = [ref_lib.image_batch(rs, perm[i * B:(i + 1) * B], SIZE, C) for i in range(2)]
   out, m1 = built.step(built.state, parallel.shard_batch(batches[0], mesh))
   state1 = jax.device_get(out)
   state2, m2 = jax.device_get(built.step(out, parallel.shard_batch(batches[1], mesh)))
 
-  src = _np(state0.params)
+  src = ref_lib.float64_tree(state0.params)
   zeros = jax.tree_util.tree_map(np.zeros_like, src)
   ref1, info1 = _ref_step(model, dict(t=0, params=src, m=zeros, v=zeros,
-                                      stats=_np(state0.batch_stats)), batches[0]["image"], config)
+                                      stats=ref_lib.float64_tree(state0.batch_stats)),
+                          batches[0]["image"], config)
   # Step 2 of the reference starts from the port's state after step 1 (checked below against
   # step 1 of the reference) with the reference's Adam moments: see NOISE.
-  ref2, info2 = _ref_step(model, dict(ref1, params=_np(state1.params),
-                                      stats=_np(state1.batch_stats)), batches[1]["image"], config)
+  ref2, info2 = _ref_step(model, dict(ref1, params=ref_lib.float64_tree(state1.params),
+                                      stats=ref_lib.float64_tree(state1.batch_stats)),
+                          batches[1]["image"], config)
 
   trained = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(src)
              if _trained(p)]
@@ -240,6 +201,4 @@ def _leaf(tree, path):
   """The leaf of a params tree at a key path (or its `keystr`)."""
   if isinstance(path, str):
     path = re.findall(r"\['([^']+)'\]", path)
-  for k in path:
-    tree = tree[getattr(k, "key", k)]
-  return np.asarray(tree)
+  return np.asarray(ref_lib.at_path(tree, path))
