@@ -282,30 +282,3 @@ def test_an_adaptation_checkpoint_is_not_a_source_model(data_dir, source_run, mo
   config.source_checkpoint = str(tmp_path / "adapt_run")
   with pytest.raises(ValueError, match="holds a checkpoint of an 'adapt' run"):
     train_adapt.load_source_variables(config, model, mesh)
-
-
-def test_cli_takes_the_model_from_the_source_checkpoint(data_dir, source_run, tmp_path):
-  """configs/adapt.py (a ViT-B/16 paper config) adapts the tiny source model with no model
-  override on the command line: the architecture and the input size come from the source
-  checkpoint, logged; a field the command line sets is checked against it instead."""
-  workdir = tmp_path / "adapt"
-  env = dict(os.environ, PYTHONPATH=REPO)
-  base = [sys.executable, "-m", "eercl_jax.main",
-          f"--config={REPO}/configs/adapt.py:target=synth_wild,source=synth_studio",
-          f"--config.source_checkpoint={source_run}", "--config.num_steps=2",
-          "--config.eval_every=2", "--config.log_every=1", "--config.batch_size=32",
-          "--config.bn_group_size=16", "--config.eval_batch_size=64",
-          "--config.adapt.refresh_every=2", "--config.adapt.refresh_batch_size=64"]
-  proc = subprocess.run(base + [f"--workdir={workdir}"], cwd=data_dir, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  used = json.load(open(workdir / "config.json"))
-  source = json.load(open(os.path.join(source_run, "config.json")))
-  for group, field in (("model", "size"), ("model", "bottleneck_dim"), ("model", "width"),
-                       ("model", "feat_dim"), ("data", "resize"), ("data", "crop")):
-    assert used[group][field] == source[group][field] and used[group][field] is not None
-  log = open(workdir / "logs" / "train.log").read()
-  assert "taken from the source checkpoint" in log and "model.size='mu/8'" in log
-  clash = subprocess.run(base + [f"--workdir={tmp_path / 'clash'}", "--config.model.feat_dim=24"],
-                         cwd=data_dir, env=env, capture_output=True, text=True, timeout=600)
-  assert clash.returncode == 2 and "model.feat_dim: checkpoint 16 vs config 24" in clash.stderr

@@ -71,7 +71,7 @@ def test_resume_continues_exactly(data_dir, monkeypatch, tmp_path):
   res = json.load(open(tmp_path / "split" / "results.json"))
   assert res["last_step"] == 4 and res["best_step"] in (2, 4)
   cm = np.asarray(json.load(open(tmp_path / "split" / "logs" /
-                                 f"confusion_{res['best_step']:06d}.json"))["source"])
+                                 f"confusion_{res['best_step']:06d}.json"))["confusions"]["source"])
   assert res["lists"]["source"]["best"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
   assert res["lists"]["source"]["last"]["accuracy"] == pytest.approx(resumed["final"]["source"])
 
