@@ -236,9 +236,9 @@ def test_cli_terminal_is_short_and_the_log_complete(data_dir, tmp_path):
   assert proc.stdout.splitlines()[-1].startswith("[source] final: target accuracy ")
   assert sum("step 2/4 " in line for line in terminal) == 1
   assert sum("source: acc=" in line for line in terminal) == 1
-  assert not any("config (also in" in line or "orbax" in line for line in terminal)
+  assert not any("config (recorded in" in line or "orbax" in line for line in terminal)
   log = open(workdir / "logs" / "train.log").read()
-  assert "config (also in" in log and "num_steps: 4" in log
+  assert "config (recorded in" in log and "num_steps: 4" in log
   # orbax's own lines (its file names: checkpoint_manager.py, async_checkpointer.py, ...).
   assert any("checkpoint" in line.split("] ")[0] for line in log.splitlines() if "] " in line)
   assert "results written to" in log and "final (step 4)" in log

@@ -66,7 +66,7 @@ def test_results_and_config_json(source_run):
     assert entry["best"] == entry["last"]   # the one evaluation is also the best
 
   log = open(os.path.join(source_run, "logs", "train.log"), encoding="utf-8").read()
-  assert "config (also in" in log and "num_steps: 4" in log
+  assert "config (recorded in" in log and "num_steps: 4" in log
   assert "results written to" in log
   # metrics.csv: the one evaluation (step 4), its accuracies those of results.json.
   with open(os.path.join(source_run, "metrics.csv"), newline="") as f:
